@@ -1,0 +1,15 @@
+"""wsae_core: the library behind the book *What sparse autoencoders can and cannot recover*.
+
+The modules each own one idea and import only the ideas listed before them:
+
+``profile``   which run size the chapters use (``ci`` / ``book`` / ``paper``)
+``geometry``  superposition matrices W_p, interference, the Theorem 1 closed form, recovery, "~"
+``symbolic``  exact algebra with SymPy: gap matrices, identities, exact expectations
+``data``      sparse ground truth x and its superposition x_p = W_p x
+``plots``     one consistent figure style for the book
+
+Import a module explicitly (``from wsae_core import geometry``); importing the package itself
+is cheap and does not import torch or SymPy.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""One figure style for the whole book: readable fonts, a colour-blind-safe palette, labelled axes.
+
+Every chapter draws through these functions so that a figure looks the same wherever it appears.
+The palette is Okabe & Ito's (2008) eight colours, distinguishable under the common colour-vision
+deficiencies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["PALETTE", "use_book_style", "plot_superposition", "plot_vector_comparison"]
+
+#: Okabe-Ito colours, in the order the book uses them.
+PALETTE = {
+    "blue": "#0072B2",
+    "orange": "#E69F00",
+    "green": "#009E73",
+    "vermillion": "#D55E00",
+    "sky": "#56B4E9",
+    "purple": "#CC79A7",
+    "yellow": "#F0E442",
+    "black": "#000000",
+}
+CYCLE = [PALETTE[k] for k in ("blue", "orange", "green", "vermillion", "sky", "purple", "yellow", "black")]
+
+
+def use_book_style() -> None:
+    """Apply the book's matplotlib style (call once at the top of a chapter)."""
+    mpl.rcParams.update(
+        {
+            "figure.figsize": (6.4, 4.0),
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "font.size": 11,
+            "axes.titlesize": 12,
+            "axes.labelsize": 11,
+            "legend.fontsize": 10,
+            "axes.prop_cycle": mpl.cycler(color=CYCLE),
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "image.cmap": "RdBu_r",
+        }
+    )
+
+
+def plot_superposition(W_p: Any, blocks: Sequence[int] | None = None, axes: Any = None, title: str | None = None):
+    """Draw the columns of W_p as arrows, one panel per group of features.
+
+    With ``blocks`` (the group sizes given to :func:`wsae_core.geometry.superposition_matrix`) each
+    group is drawn in its own 1-D or 2-D subspace; without it, W_p must have ``n_p = 2``.
+    Returns the matplotlib figure.
+    """
+    from .geometry import block_slices
+
+    W = np.asarray(W_p, dtype=float)
+    if blocks is None:
+        if W.shape[0] != 2:
+            raise ValueError(f"without blocks, W_p must have 2 rows to be drawn in the plane, got shape {W.shape}")
+        groups = [(slice(0, 2), slice(0, W.shape[1]))]
+    else:
+        groups = block_slices(blocks)
+        if groups[-1][0].stop != W.shape[0] or groups[-1][1].stop != W.shape[1]:
+            raise ValueError(f"blocks {list(blocks)} describe a W_p of shape "
+                             f"({groups[-1][0].stop}, {groups[-1][1].stop}), got {W.shape}")
+    if axes is None:
+        fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 2.8), squeeze=False)
+        axes = axes[0]
+    else:
+        axes = np.atleast_1d(axes)
+        fig = axes[0].figure
+    for g, (ax, (rows, cols)) in enumerate(zip(axes, groups)):
+        block = W[rows, cols]
+        if block.shape[0] == 1:  # monosemantic unit or digon: draw on a horizontal axis
+            block = np.vstack([block, np.zeros_like(block)])
+        for j in range(block.shape[1]):
+            feat = cols.start + j
+            c = CYCLE[feat % len(CYCLE)]
+            # Offset digon arrows slightly so w and -w stay visible as two arrows.
+            ax.annotate("", xy=(block[0, j], block[1, j]), xytext=(0, 0),
+                        arrowprops=dict(arrowstyle="-|>", color=c, lw=2))
+            ax.text(1.18 * block[0, j], 1.18 * block[1, j] + (0.12 if rows.stop - rows.start == 1 else 0),
+                    f"$w_{{{feat + 1}}}$", ha="center", va="center", color=c)
+        ax.add_patch(plt.Circle((0, 0), 1, fill=False, ls=":", color="0.6"))
+        ax.set_xlim(-1.4, 1.4)
+        ax.set_ylim(-1.4, 1.4)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        dims = ", ".join(str(d + 1) for d in range(rows.start, rows.stop))
+        k = cols.stop - cols.start
+        name = {1: "monosemantic", 2: "digon"}.get(k, f"{k}-gon")
+        ax.set_title(f"{name}\n(dim{'s' if rows.stop - rows.start > 1 else ''} {dims} of $x_p$)", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_vector_comparison(vectors: dict[str, Any], ax: Any = None, xlabel: str = "coordinate", title: str | None = None):
+    """Grouped bar chart of several vectors of equal length (e.g. ``x`` beside ``x_m``)."""
+    names = list(vectors)
+    arrs = [np.asarray(vectors[k], dtype=float).ravel() for k in names]
+    n = max(a.size for a in arrs)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), 3.0))
+    else:
+        fig = ax.figure
+    width = 0.8 / len(arrs)
+    for i, (name, a) in enumerate(zip(names, arrs)):
+        ax.bar(np.arange(a.size) + (i - (len(arrs) - 1) / 2) * width, a, width, label=name, color=CYCLE[i % len(CYCLE)])
+    ax.set_xticks(np.arange(n), [str(i + 1) for i in range(n)])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("value")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses_vs_sparsity(S: Any, curves: dict[str, Any], ax: Any = None, title: str | None = None,
+                            ylabel: str = "loss per sample"):
+    """Loss curves against sparsity S with ±2 standard-error bars.
+
+    ``curves`` maps a label to an array ``(len(S), 2)`` of (mean, standard error).
+    """
+    S = np.asarray(S, dtype=float)
+    if ax is None:
+        fig, ax = plt.subplots()
+    else:
+        fig = ax.figure
+    for i, (label, vals) in enumerate(curves.items()):
+        vals = np.asarray(vals, dtype=float)
+        if vals.shape != (S.size, 2):
+            raise ValueError(f"curve {label!r} must have shape ({S.size}, 2) = (mean, se) per S, got {vals.shape}")
+        ax.errorbar(S, vals[:, 0], yerr=2 * vals[:, 1], marker="o", ms=4, capsize=3, label=label,
+                    color=CYCLE[i % len(CYCLE)])
+    ax.set_xlabel("sparsity $S$ (probability a feature is 0)")
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
