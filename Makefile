@@ -1,6 +1,7 @@
 # Two commands do everything (see README.md):
 #   make book   set up .venv if needed, execute every chapter (profile "book"), build _build/html
-#   make test   same environment: strict book build at the "ci" profile, unit tests, nbval, HTML checks
+#   make test   same environment: strict book build at the "ci" profile, unit tests, nbval, HTML checks,
+#               the built pages in headless Chromium with the network off (screenshots kept)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -20,7 +21,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # glibc returns big buffers to the OS and re-faults them every training step; keep them.
 export MALLOC_MMAP_MAX_ := 0
 
-.PHONY: help setup book test unit notebooks clean
+.PHONY: help setup browser book test unit notebooks clean
 
 help:
 	@echo "make book   build the book into _build/html (profile book; first run installs .venv)"
@@ -35,6 +36,13 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# Headless Chromium for the browser tests: Debian's package, installed once where missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 $(ASSETS): tools/vendor_assets.sh
 	bash tools/vendor_assets.sh book/static
 	touch $(ASSETS)
@@ -47,10 +55,10 @@ book: setup
 
 # The test build has its own output folder and execution cache, so it never mixes ci-sized results
 # into the book's cache.
-test: setup
-	rm -rf $(TEST_BUILD)/_build/html
+test: setup browser
+	rm -rf $(TEST_BUILD)/_build/html $(TEST_BUILD)/_build/screenshots
 	WSAE_PROFILE=ci $(BIN)/jupyter-book build . --path-output $(TEST_BUILD) -W -n --keep-going
-	WSAE_PROFILE=ci WSAE_BUILT_HTML=$(TEST_BUILD)/_build/html $(BIN)/python -m pytest tests book \
+	WSAE_PROFILE=ci WSAE_REQUIRE_BROWSER=1 WSAE_BUILT_HTML=$(TEST_BUILD)/_build/html $(BIN)/python -m pytest tests book \
 		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 		-p no:cacheprovider -q
 

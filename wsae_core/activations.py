@@ -1,0 +1,250 @@
+"""On-disk activation cache: residual-stream activations of a language model, sharded, resumable,
+reused across runs and read back in a seeded shuffled order (chapter *SAEs and WSAEs on a language
+model*).
+
+Layout of one cache (a folder named by a hash of its key: model, layers, corpus digest, context
+length, token count, dtype)::
+
+    meta.json              the key, shapes, label names; ``complete`` and timings once finished
+    shard_00000/           one shard = ``shard_contexts`` consecutive contexts, written to
+        tokens.npy         ``shard_00000.tmp/`` and renamed when complete (atomic), so a crash
+        doc_ids.npy        mid-way leaves only whole shards and a rebuild resumes after them
+        labels.npy
+        layer_3.npy        (n_contexts_in_shard * context_len, d_model) float32 (or float16)
+        ...
+
+Shards are plain ``.npy`` files opened as memory maps, so reading a random batch touches only its
+rows: the shuffle is a seeded permutation over all tokens of all shards, applied at read time.
+The root folder is ``$WSAE_CACHE_DIR`` or ``~/.cache/wsae_core`` (never inside the repository).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .corpus import Contexts
+from .lm import LM, capture_residuals
+
+__all__ = ["CACHE_ENV", "cache_root", "cache_key", "build_activation_cache", "ActivationCache"]
+
+CACHE_ENV = "WSAE_CACHE_DIR"
+FORMAT_VERSION = 1
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def cache_root(root: str | Path | None = None) -> Path:
+    """``root``, else ``$WSAE_CACHE_DIR``, else ``~/.cache/wsae_core``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "wsae_core"
+
+
+def cache_key(model: str, layers: Sequence[int], contexts: Contexts, dtype: str = "float32") -> dict[str, Any]:
+    """Everything that determines the cached numbers (the folder name is a hash of it)."""
+    return {
+        "version": FORMAT_VERSION,
+        "model": str(model),
+        "layers": sorted(int(l) for l in layers),
+        "corpus": contexts.spec,
+        "corpus_digest": contexts.digest(),
+        "context_len": int(contexts.tokens.shape[1]),
+        "n_tokens": contexts.n_tokens,
+        "dtype": dtype,
+    }
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def build_activation_cache(
+    lm: LM,
+    contexts: Contexts,
+    layers: Sequence[int],
+    *,
+    root: str | Path | None = None,
+    shard_contexts: int = 256,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    verbose: bool = False,
+) -> "ActivationCache":
+    """Run ``lm`` over ``contexts`` once and store the residual stream after every block in ``layers``.
+
+    Returns the existing cache untouched when one with the same key is complete (reuse); resumes
+    after the last complete shard when a previous build stopped mid-way (resume). One forward pass
+    per batch fills every layer (:func:`wsae_core.lm.capture_residuals`), stopping after the last
+    requested block.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if shard_contexts < 1 or batch_size < 1:
+        raise ValueError(f"shard_contexts and batch_size must be positive, got {shard_contexts}, {batch_size}")
+    layers = sorted(int(l) for l in layers)
+    key = cache_key(lm.name, layers, contexts, dtype)
+    folder = cache_root(root) / "activations" / _digest(key)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key:
+            raise RuntimeError(f"cache folder {folder} holds a different key; delete it")
+        if meta.get("complete"):
+            return ActivationCache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_ctx, T = contexts.tokens.shape
+    n_shards = -(-n_ctx // shard_contexts)
+    meta = {
+        "key": key,
+        "layers": layers,
+        "d_model": lm.d_model,
+        "context_len": T,
+        "n_contexts": n_ctx,
+        "shard_contexts": shard_contexts,
+        "n_shards": n_shards,
+        "label_names": contexts.label_names,
+        "titles": contexts.titles,
+        "complete": False,
+    }
+    if not meta_path.is_file():
+        _write_json(meta_path, meta)
+    for tmp in folder.glob("shard_*.tmp"):
+        shutil.rmtree(tmp)  # an incomplete shard from a crash: redo it
+    t0 = time.perf_counter()
+    computed = 0
+    for s in range(n_shards):
+        final = folder / f"shard_{s:05d}"
+        if final.is_dir():
+            continue
+        lo, hi = s * shard_contexts, min(n_ctx, (s + 1) * shard_contexts)
+        acts = {l: [] for l in layers}
+        for b in range(lo, hi, batch_size):
+            ids = torch.from_numpy(contexts.tokens[b : min(hi, b + batch_size)])
+            out = capture_residuals(lm, ids, layers)
+            for l in layers:
+                acts[l].append(out[l].reshape(-1, out[l].shape[-1]).cpu().numpy().astype(_DTYPES[dtype]))
+        tmp = folder / f"shard_{s:05d}.tmp"
+        tmp.mkdir()
+        np.save(tmp / "tokens.npy", contexts.tokens[lo:hi].astype(np.int32))
+        np.save(tmp / "doc_ids.npy", contexts.doc_ids[lo:hi].astype(np.int32))
+        np.save(tmp / "labels.npy", contexts.labels[lo:hi].astype(np.int16))
+        for l in layers:
+            np.save(tmp / f"layer_{l}.npy", np.concatenate(acts[l]))
+        os.replace(tmp, final)
+        computed += hi - lo
+        if verbose:
+            print(f"shard {s + 1}/{n_shards} written ({(hi - lo) * T:,} tokens)", flush=True)
+    seconds = time.perf_counter() - t0
+    meta.update(
+        complete=True,
+        build_seconds=round(seconds, 2),
+        tokens_computed=computed * T,
+        tokens_per_second=round(computed * T / seconds, 1) if computed else None,
+        bytes=sum(f.stat().st_size for f in folder.rglob("*.npy")),
+    )
+    _write_json(meta_path, meta)
+    return ActivationCache(folder)
+
+
+class ActivationCache:
+    """Read side of a complete cache: memory-mapped shards, per-token metadata, shuffled batches."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no activation cache at {self.folder} (meta.json missing)")
+        self.meta = json.loads(meta_path.read_text())
+        if not self.meta.get("complete"):
+            raise RuntimeError(f"activation cache {self.folder} is incomplete; rerun build_activation_cache to resume")
+        self.layers: list[int] = self.meta["layers"]
+        self.d_model: int = self.meta["d_model"]
+        self.context_len: int = self.meta["context_len"]
+        self.label_names: list[str] = self.meta["label_names"]
+        self.titles: list[str] = self.meta["titles"]
+        shards = [self.folder / f"shard_{s:05d}" for s in range(self.meta["n_shards"])]
+        self._shards = shards
+        self.tokens = np.concatenate([np.load(s / "tokens.npy") for s in shards]).astype(np.int64)
+        self.doc_ids = np.concatenate([np.load(s / "doc_ids.npy") for s in shards]).astype(np.int64)
+        self.labels = np.concatenate([np.load(s / "labels.npy") for s in shards]).astype(np.int64)
+        rows = [self.meta["shard_contexts"] * self.context_len] * len(shards)
+        rows[-1] = self.tokens.size - sum(rows[:-1])
+        self._offsets = np.concatenate([[0], np.cumsum(rows)])
+        self._maps: dict[int, list[np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({self.meta['key']['model']}, layers={self.layers}, "
+                f"tokens={self.n_tokens:,}, {self.nbytes / 2**20:.0f} MiB at {self.folder})")
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.meta.get("bytes", 0))
+
+    def _layer_maps(self, layer: int) -> list[np.ndarray]:
+        if layer not in self.layers:
+            raise ValueError(f"layer must be one of the cached layers {self.layers}, got {layer}")
+        if layer not in self._maps:
+            self._maps[layer] = [np.load(s / f"layer_{layer}.npy", mmap_mode="r") for s in self._shards]
+        return self._maps[layer]
+
+    def token_indices(self, skip_first: int = 0) -> np.ndarray:
+        """Flat indices (context * context_len + position) of the tokens at positions >= ``skip_first``."""
+        pos = np.arange(self.n_tokens) % self.context_len
+        return np.flatnonzero(pos >= skip_first)
+
+    def gather(self, layer: int, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (flat token indices, any order) of ``layer``'s activations: ``(len(index), d_model)``."""
+        index = np.asarray(index, dtype=np.int64)
+        maps = self._layer_maps(layer)
+        out = np.empty((index.size, self.d_model), dtype=np.float32)
+        shard = np.searchsorted(self._offsets, index, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            local = index[sel] - self._offsets[s]
+            order = np.argsort(local)  # sorted reads are kinder to the page cache
+            out[sel[order]] = maps[s][local[order]]
+        return out
+
+    def activations(self, layer: int, skip_first: int = 0) -> torch.Tensor:
+        """All activations of ``layer`` at positions >= ``skip_first``, in corpus order: ``(n, d_model)``."""
+        return torch.from_numpy(self.gather(layer, self.token_indices(skip_first)))
+
+    def batches(
+        self, layer: int, batch_size: int, *, seed: int = 0, skip_first: int = 0, epochs: int = 1
+    ) -> Iterator[torch.Tensor]:
+        """Shuffled batches ``(batch_size, d_model)``: a fresh seeded permutation across all shards each epoch."""
+        index = self.token_indices(skip_first)
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            perm = index[rng.permutation(index.size)]
+            for b in range(0, perm.size, batch_size):
+                yield torch.from_numpy(self.gather(layer, perm[b : b + batch_size]))
+
+    def read_speed(self, layer: int, batch_size: int = 4096, n_batches: int = 20, seed: int = 0) -> float:
+        """Measured shuffled-read throughput of ``layer`` in tokens per second."""
+        t0 = time.perf_counter()
+        n = 0
+        for i, batch in enumerate(self.batches(layer, batch_size, seed=seed)):
+            n += batch.shape[0]
+            if i + 1 >= n_batches:
+                break
+        return n / (time.perf_counter() - t0)
