@@ -129,6 +129,26 @@ def test_chapter_renders_offline(browser, server, path: Path):
         page.context.close()
 
 
+def test_precomputed_explorer_works_without_a_kernel(browser, server):
+    """The playground's pre-rendered explorer must change its figure when its controls move."""
+    if not (HTML / "book" / "playground.html").exists():
+        pytest.skip("no playground chapter in this build")
+    page, problems = _open(browser, server, "book/playground.html")
+    try:
+        frame = page.locator(".wsae-explorer .wsae-frame").first
+        before = frame.get_attribute("src")
+        assert before and before.startswith("data:image/png;base64,"), "explorer shows no figure"
+        page.evaluate("""() => { const s = document.querySelector('.wsae-explorer .wsae-S');
+                                 s.value = s.max; s.dispatchEvent(new Event('input')); }""")
+        after_S = frame.get_attribute("src")
+        page.select_option(".wsae-explorer .wsae-geom", index=1)
+        after_geom = frame.get_attribute("src")
+        assert len({before, after_S, after_geom}) == 3, "moving a control did not change the figure"
+        assert not problems, "\n".join(problems)
+    finally:
+        page.context.close()
+
+
 def test_breaking_the_vendored_mathjax_is_detected(browser, server, tmp_path):
     """The check above must fail when MathJax cannot load: serve a copy without it."""
     copy = tmp_path / "html"

@@ -25,4 +25,6 @@ cp "$mj/LICENSE" "$dest/mathjax/LICENSE"
 cp "$hm/dist/embed-amd.js" "$dest/widgets/"
 cp "$hm/LICENSE" "$dest/widgets/LICENSE.html-manager" 2>/dev/null || cp "$hm/dist/embed.js.LICENSE.txt" "$dest/widgets/LICENSE.html-manager"
 cp "$rq/require.js" "$dest/widgets/"
+# Font Awesome webfonts that the widget CSS asks for, next to embed-amd.js (its public path).
+cp "$hm"/dist/*.woff2 "$hm"/dist/*.woff "$dest/widgets/"
 echo "vendored $mathjax, $manager, $requirejs into $dest"

@@ -35,7 +35,7 @@ import torch
 from .corpus import Contexts
 from .lm import LM, capture_residuals
 
-__all__ = ["CACHE_ENV", "cache_root", "cache_key", "build_activation_cache", "ActivationCache"]
+__all__ = ["CACHE_ENV", "cache_root", "cache_key", "build_activation_cache", "ActivationCache", "CacheSource", "norm_scale"]
 
 CACHE_ENV = "WSAE_CACHE_DIR"
 FORMAT_VERSION = 1
@@ -248,3 +248,50 @@ class ActivationCache:
             if i + 1 >= n_batches:
                 break
         return n / (time.perf_counter() - t0)
+
+
+class CacheSource:
+    """A trainer data source over one cached layer (``sample(batch, generator) -> (batch, d_model)``).
+
+    Walks seeded permutations of the cached tokens (positions >= ``skip_first``): every token is
+    seen once per pass, passes are reshuffled from ``generator``, and rows are read from the memory
+    maps, so the cache need not fit in memory. ``scale`` divides the activations (one scalar per
+    layer, see :func:`norm_scale`).
+    """
+
+    def __init__(self, cache: ActivationCache, layer: int, *, skip_first: int = 0, scale: float = 1.0):
+        cache._layer_maps(layer)  # validates the layer
+        self.cache, self.layer, self.scale = cache, layer, float(scale)
+        self.index = cache.token_indices(skip_first)
+        self.n_p = cache.d_model
+        self._perm: np.ndarray | None = None
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        parts, need = [], int(batch)
+        while need > 0:
+            if self._perm is None or self._pos >= self._perm.size:
+                self._perm = self.index[torch.randperm(self.index.size, generator=generator).numpy()]
+                self._pos = 0
+            take = self._perm[self._pos : self._pos + need]
+            self._pos += take.size
+            need -= take.size
+            parts.append(self.cache.gather(self.layer, take))
+        x = torch.from_numpy(np.concatenate(parts))
+        return x / self.scale if self.scale != 1.0 else x
+
+
+def norm_scale(x: torch.Tensor) -> float:
+    """The scalar ``c`` with ``E||x / c||² = d_model`` for a sample ``x`` ``(n, d_model)``.
+
+    Dividing a layer's activations by ``c`` puts every layer and model on one scale, so one learning
+    rate fits all (SAELens's ``expected_average_only_in`` normalisation). FVU and the variance
+    weights (normalised to ``mean(γ²) = 1``) do not change under it.
+    """
+    x = torch.as_tensor(x).double()
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty (n, d_model) sample, got shape {tuple(x.shape)}")
+    return float((x.pow(2).sum(1).mean() / x.shape[1]).sqrt())

@@ -392,3 +392,74 @@ def theory_losses(W_p: Any, W_m: Any, x: Any, gamma: Any = None) -> TheoryLosses
     n_m, N = Wm.shape[0], max(n, Wm.shape[0])
     gt = ((np.pad(X, ((0, 0), (0, N - n))) - np.pad(x_m, ((0, 0), (0, N - n_m)))) ** 2).sum(1)
     return TheoryLosses(sae, gt)
+
+
+class TheoryFit(NamedTuple):
+    """Result of :func:`fit_theory_sae`."""
+
+    W_m: np.ndarray
+    """The fitted encoder, ``(n_m, n_p)``."""
+    loss: float
+    """Its sample-mean L_SAE (or L_WSAE with weights) on the training sample."""
+    success: bool
+    """Whether the optimiser reported convergence."""
+
+
+def fit_theory_sae(W_p: Any, x: Any, n_m: int, *, gamma: Any = None, init: Any = "closed_form",
+                   unit_norm: bool = False, seed: int | None = 0, maxiter: int = 2000) -> TheoryFit:
+    """Minimise the sample mean of ``||Γ(x_p - W_mᵀ relu(W_m x_p))||²`` over the encoder W_m.
+
+    The tied, bias-free ReLU theory SAE of Theorem 1 (``gamma=None``) or the WSAE of Theorem 5,
+    fitted by L-BFGS with the exact gradient on the fixed sample ``x`` ``(batch, n)``, so that
+    different encoders are compared with common random numbers. ``init``: ``"closed_form"``
+    (W_pᵀ padded with small random rows), ``"random"`` (Gaussian rows) or an ``(n_m, n_p)`` array.
+    ``unit_norm=True`` constrains every row of W_m to unit norm (parametrised as U / ||U||).
+    Used in the chapters *The closed form* and *The gap*.
+    """
+    Wp = _as_matrix(W_p, "W_p")
+    n_p, n = Wp.shape
+    if isinstance(n_m, bool) or not isinstance(n_m, Integral) or n_m <= 0:
+        raise ValueError(f"n_m must be a positive integer, got {n_m!r}")
+    X = np.asarray(x, dtype=float)
+    if X.ndim != 2 or X.shape[1] != n or not np.all(np.isfinite(X)):
+        raise ValueError(f"x must be a finite array of shape (batch, {n}), got shape {X.shape}")
+    g2 = (np.ones(n_p) if gamma is None else check_gamma(gamma, n_p)) ** 2
+    rng = np.random.default_rng(seed)
+    if isinstance(init, str):
+        if init == "closed_form":
+            U0 = np.vstack([Wp.T, 0.01 * rng.standard_normal((max(n_m - n, 0), n_p))])[:n_m]
+        elif init == "random":
+            U0 = rng.standard_normal((n_m, n_p)) / np.sqrt(n_p)
+        else:
+            raise ValueError(f"init must be 'closed_form', 'random' or an array, got {init!r}")
+    else:
+        U0 = _as_matrix(init, "init")
+        if U0.shape != (n_m, n_p):
+            raise ValueError(f"init must have shape ({n_m}, {n_p}), got {U0.shape}")
+    Xp = X @ Wp.T
+    B = Xp.shape[0]
+
+    def loss_grad(theta):
+        U = theta.reshape(n_m, n_p)
+        if unit_norm:
+            norms = np.linalg.norm(U, axis=1, keepdims=True) + 1e-12
+            W = U / norms
+        else:
+            W = U
+        pre = Xp @ W.T
+        A = np.maximum(pre, 0.0)
+        R = Xp - A @ W
+        Rg = R * g2
+        loss = float((R * Rg).sum() / B)
+        grad = -2.0 / B * (((Rg @ W.T) * (pre > 0)).T @ Xp + A.T @ Rg)
+        if unit_norm:
+            grad = (grad - (grad * W).sum(1, keepdims=True) * W) / norms
+        return loss, grad.ravel()
+
+    from scipy.optimize import minimize
+
+    res = minimize(loss_grad, U0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "gtol": 1e-10})
+    W = res.x.reshape(n_m, n_p)
+    if unit_norm:
+        W = W / np.linalg.norm(W, axis=1, keepdims=True)
+    return TheoryFit(W, float(loss_grad(W.ravel())[0]), bool(res.success))

@@ -36,6 +36,7 @@ __all__ = [
     "find_blocks",
     "capture_residuals",
     "splice_metrics",
+    "make_tiny_gpt_neox",
 ]
 
 #: The paper's model (GPU machines with hub access or a local copy).
@@ -250,13 +251,17 @@ def _replaced_forward(lm: LM, layer: int, output: Any):
     after the splice.
     """
     patched = list(lm.blocks[: layer + 1])
+    saved = [block.__dict__.get("forward") for block in patched]  # an existing instance patch
     for block in patched:
         block.forward = lambda *a, **k: output  # instance attribute shadows the class method
     try:
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, old in zip(patched, saved):
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
 
 
 def _logprobs(lm: LM, input_ids: torch.Tensor) -> torch.Tensor:
@@ -365,3 +370,44 @@ def splice_metrics(
         rec = (ce_abl - ce) / denom if denom != 0 else float("nan")
         results[name] = SpliceResult(ce_clean, ce, ce_abl, rec, max(kl[name] / n_pred, 0.0), n_pred)
     return results
+
+
+def make_tiny_gpt_neox(
+    folder: str | Path,
+    texts: Sequence[str],
+    *,
+    n_layers: int = 3,
+    d_model: int = 32,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random-weight ``GPTNeoXForCausalLM`` (Pythia's architecture) with a byte-level BPE
+    tokenizer trained on ``texts`` into ``folder``; load it with ``load_lm(folder)``.
+
+    For the ``ci`` profile and the tests: it exercises the Pythia code path offline in about a
+    second. Its numbers mean nothing about language.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if not texts:
+        raise ValueError("texts must hold at least one string to train the tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = GPTNeoXConfig(
+        vocab_size=len(fast), hidden_size=d_model, num_hidden_layers=n_layers,
+        num_attention_heads=max(1, d_model // 16), intermediate_size=4 * d_model,
+        max_position_embeddings=2048, eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder

@@ -151,3 +151,40 @@ def plot_losses_vs_sparsity(S: Any, curves: dict[str, Any], ax: Any = None, titl
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_exploration(e: Any):
+    """The playground figure for a :class:`wsae_core.widgets.Exploration`: the columns of W_p with
+    the WSAE weights, one sample x against its recovery x_m (shrunk features hatched, vanished ones
+    marked ×), and the three losses with the two gaps."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12.5, 3.8), gridspec_kw={"width_ratios": [1, 1.3, 1.1]})
+    W = np.asarray(e.W_p)
+    for j in range(W.shape[1]):
+        col = CYCLE[j % len(CYCLE)]
+        a.annotate("", xy=(W[0, j], W[1, j]), xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color=col, lw=2))
+        a.text(1.2 * W[0, j], 1.2 * W[1, j], f"$w_{{{j + 1}}}$", color=col, ha="center", va="center")
+    a.add_patch(plt.Circle((0, 0), 1, fill=False, ls=":", color="0.6"))
+    a.set(xlim=(-1.45, 1.45), ylim=(-1.45, 1.45), aspect="equal",
+          xlabel=f"$x_{{p,1}}$  ($\\gamma_1$ = {e.gamma[0]:.2f})", ylabel=f"$x_{{p,2}}$  ($\\gamma_2$ = {e.gamma[1]:.2f})")
+    a.set_title(f"{e.name}: columns of $W_p$", fontsize=10)
+    idx = np.arange(e.x.size)
+    b.bar(idx - 0.2, e.x, 0.4, label="ground truth $x$", color=PALETTE["blue"])
+    bars = b.bar(idx + 0.2, e.x_m, 0.4, label="recovered $x_m$", color=PALETTE["orange"])
+    for i in idx:
+        if e.shrunk[i]:
+            bars[i].set_hatch("//")
+            bars[i].set_edgecolor(PALETTE["vermillion"])
+        if e.vanished[i]:
+            b.plot(i + 0.2, 0.02, marker="x", color=PALETTE["vermillion"], ms=10, mew=2)
+    b.set_xticks(idx, [f"{i + 1}" for i in idx])
+    b.set(xlabel="feature", ylabel="value", ylim=(0, 1.05), title=f"one sample at S = {e.S:.2f}  (hatched: shrunk, ×: vanished)")
+    b.title.set_fontsize(10)
+    b.legend(frameon=False, fontsize=9, loc="upper right")
+    names = ["$\\mathcal{L}_{SAE}$", f"$\\mathcal{{L}}_{{WSAE}}$\n(α = {e.alpha:.1f})", "$\\mathcal{L}_{GT}$"]
+    vals = [e.L_SAE, e.L_WSAE, e.L_GT]
+    c.bar(names, vals, color=[PALETTE["orange"], PALETTE["green"], PALETTE["blue"]])
+    c.set(ylabel="mean loss per sample")
+    c.set_title(f"gap {e.gap:+.3f}, weighted gap {e.weighted_gap:+.3f}\n"
+                f"top feature changes in {100 * e.p_top_changed:.0f}% of overlapping samples", fontsize=10)
+    fig.tight_layout()
+    return fig

