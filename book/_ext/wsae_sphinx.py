@@ -7,9 +7,14 @@
   assets (fonts) relative to its module path, which RequireJS resolves against the page; we map
   that path to ``_static/widgets``. It also typesets labels through MathJax 2's ``MathJax.Hub``,
   which MathJax 3 no longer has; a two-line adapter forwards those calls to MathJax 3.
+* Launch buttons (Binder, Colab) need the public repository that holds the book. It is read from
+  the environment at build time, ``WSAE_REPO_URL=https://github.com/OWNER/REPO`` (optionally
+  ``WSAE_REPO_BRANCH``), so a fork builds a book whose buttons open its own notebooks.
 """
 
 from __future__ import annotations
+
+import os
 
 from sphinx.builders.html._assets import _JavaScript
 
@@ -52,7 +57,21 @@ window.addEventListener("load", function () {
 """
 
 
+def _repository_from_env(app, config):
+    url = os.environ.get("WSAE_REPO_URL", "").strip()
+    if not url:
+        return
+    if not url.startswith("https://"):
+        raise ValueError(f"WSAE_REPO_URL must be an https:// repository URL, got {url!r}")
+    options = dict(config.html_theme_options or {})
+    options["repository_url"] = url.rstrip("/")
+    options["repository_branch"] = os.environ.get("WSAE_REPO_BRANCH", "main")
+    options["path_to_docs"] = ""
+    config.html_theme_options = options
+
+
 def setup(app):
+    app.connect("config-inited", _repository_from_env)
     # 'html-page-context' stops at the first handler that returns a template, so run first; the
     # duplicated scripts are registered at start-up, long before any page is written.
     app.connect("html-page-context", _dedupe_scripts, priority=1)
