@@ -285,3 +285,12 @@ def test_smollm2_offline_default():
     assert out[5].shape == (1, ids.shape[1], 576)
     r = L.splice_metrics(lm, ids, 5, {"id": lambda x: x})["id"]
     assert r.ce_recovered == pytest.approx(1.0, abs=1e-6) and r.ce_clean < r.ce_ablated
+
+
+def test_splice_layers_shares_the_clean_run(tiny, contexts):
+    ids = torch.from_numpy(contexts.tokens[:4])
+    fns = {"half": lambda x: 0.5 * x}
+    both = L.splice_layers(tiny, ids, {0: fns, 2: fns})
+    for layer in (0, 2):
+        one = L.splice_metrics(tiny, ids, layer, fns)
+        np.testing.assert_allclose(both[layer]["half"], one["half"], rtol=1e-6)

@@ -36,6 +36,7 @@ __all__ = [
     "find_blocks",
     "capture_residuals",
     "splice_metrics",
+    "splice_layers",
     "make_tiny_gpt_neox",
 ]
 
@@ -265,6 +266,7 @@ def _replaced_forward(lm: LM, layer: int, output: Any):
 
 
 def _logprobs(lm: LM, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``(batch, seq, vocab)`` in float32."""
     with torch.inference_mode(), lm.autocast():
         logits = lm.model(input_ids=input_ids, use_cache=False).logits
     return F.log_softmax(logits.float(), dim=-1)
@@ -275,100 +277,126 @@ def splice_metrics(
     input_ids: torch.Tensor,
     layer: int,
     reconstructions: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    **kwargs: Any,
+) -> dict[str, SpliceResult]:
+    """CE-loss recovered and KL for each reconstruction spliced in at the output of block ``layer``.
+
+    One layer of :func:`splice_layers` (same keyword arguments).
+    """
+    return splice_layers(lm, input_ids, {layer: reconstructions}, **kwargs)[int(layer)]
+
+
+def splice_layers(
+    lm: LM,
+    input_ids: torch.Tensor,
+    reconstructions: Mapping[int, Mapping[str, Callable[[torch.Tensor], torch.Tensor]]],
     *,
     ablation: str = "zero",
     skip_first: int = 1,
     batch_size: int = 8,
     fast: bool = True,
-) -> dict[str, SpliceResult]:
-    """CE-loss recovered and KL for each reconstruction spliced in at the output of block ``layer``.
+) -> dict[int, dict[str, SpliceResult]]:
+    """CE-loss recovered and KL of every reconstruction at every layer, sharing one clean run.
 
-    ``reconstructions`` maps a name to a function ``(n, d_model) -> (n, d_model)`` (an SAE's
-    decoder applied to its encoder). It is applied at positions ``skip_first`` onward; earlier
-    positions (position 0 is an attention sink with outsized norms, left out of SAE training too)
-    keep the clean activations, and the losses average over the predictions made at those same
-    positions. The ablation baseline replaces the same positions with zeros (``"zero"``, the usual
-    definition of CE recovered) or with their mean over the batch (``"mean"``).
+    ``reconstructions[layer][name]`` is a function ``(n, d_model) -> (n, d_model)`` (an SAE's
+    decoder applied to its encoder) substituted for the residual stream after block ``layer``. It
+    is applied at positions ``skip_first`` onward; earlier positions (position 0 is an attention
+    sink with outsized norms, left out of SAE training too) keep the clean activations, and the
+    losses average over the predictions made at those same positions.
+
+    ``ce_recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)``, where the ablation
+    replaces the same positions with zeros (``"zero"``, the usual definition) or with their mean
+    over the batch (``"mean"``). ``kl`` is the mean KL(clean || spliced) per predicted token.
+    With ``fast`` a spliced run skips the blocks before the splice (their outputs are fixed);
+    ``fast=False`` substitutes through a forward hook instead (same numbers, slower).
     """
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
-    if not reconstructions:
-        raise ValueError("reconstructions must name at least one function")
-    (layer,) = _check_layers(lm, [layer])
+    if not reconstructions or not all(reconstructions.values()):
+        raise ValueError("reconstructions must name at least one function for every layer")
+    layers = _check_layers(lm, list(reconstructions))
+    recs = {int(k): v for k, v in reconstructions.items()}
     input_ids = _check_ids(input_ids)
     seq = input_ids.shape[1]
     if not 0 <= skip_first < seq - 1:
         raise ValueError(f"skip_first must be in [0, {seq - 2}] for sequences of length {seq}, got {skip_first}")
-    sums = {k: torch.zeros(3, dtype=torch.float64) for k in ("clean", "ablated", *reconstructions)}
-    kl = {k: 0.0 for k in reconstructions}
+    nll_sum: dict[Any, float] = {"clean": 0.0}
+    kl_sum: dict[Any, float] = {}
+    for l in layers:
+        nll_sum[(l, "ablated")] = 0.0
+        for name in recs[l]:
+            nll_sum[(l, name)] = kl_sum[(l, name)] = 0.0
     n_pred = 0
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(lm.device)
         targets = ids[:, skip_first + 1 :]
-        raw: dict[str, Any] = {}
+        raw: dict[int, Any] = {}
 
-        def grab(module, args, output):
-            raw["out"] = output
+        def grab_for(layer: int) -> Callable:
+            def grab(module, args, output):
+                raw[layer] = output
 
-        handle = lm.blocks[layer].register_forward_hook(grab)
+            return grab
+
+        handles = [lm.blocks[l].register_forward_hook(grab_for(l)) for l in layers]
         try:
-            clean = _logprobs(lm, ids)
+            clean = _logprobs(lm, ids)[:, skip_first:-1]
         finally:
-            handle.remove()
-        out = raw["out"]
-        h = _hidden(out)
+            for h in handles:
+                h.remove()
 
-        def nll(lp: torch.Tensor) -> torch.Tensor:
-            lp = lp[:, skip_first:-1]
-            return -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        def nll(lp: torch.Tensor) -> float:
+            return -lp.gather(-1, targets.unsqueeze(-1)).double().sum().item()
 
-        clean_lp = clean[:, skip_first:-1]
-        sums["clean"][0] += nll(clean).double().sum().item()
+        nll_sum["clean"] += nll(clean)
         n_pred += targets.numel()
+        p_clean = clean.exp()
 
-        def run_with(new_tail: torch.Tensor) -> torch.Tensor:
-            new = h.clone()
-            new[:, skip_first:] = new_tail.to(h.dtype)
-            replaced = _with_hidden(out, new)
-            if fast:
-                with _replaced_forward(lm, layer, replaced):
-                    return _logprobs(lm, ids)
+        for l in layers:
+            out = raw[l]
+            h = _hidden(out)
 
-            def swap(module, args, output):
-                return replaced
+            def run_with(new_tail: torch.Tensor) -> torch.Tensor:
+                new = h.clone()
+                new[:, skip_first:] = new_tail.to(h.dtype)
+                replaced = _with_hidden(out, new)
+                if fast:
+                    with _replaced_forward(lm, l, replaced):
+                        return _logprobs(lm, ids)[:, skip_first:-1]
+                hh = lm.blocks[l].register_forward_hook(lambda m, a, o: replaced)
+                try:
+                    return _logprobs(lm, ids)[:, skip_first:-1]
+                finally:
+                    hh.remove()
 
-            hh = lm.blocks[layer].register_forward_hook(swap)
-            try:
-                return _logprobs(lm, ids)
-            finally:
-                hh.remove()
-
-        tail = h[:, skip_first:].float()
-        if ablation == "zero":
-            ablated_tail = torch.zeros_like(tail)
-        else:
-            ablated_tail = tail.mean(dim=(0, 1), keepdim=True).expand_as(tail)
-        sums["ablated"][0] += nll(run_with(ablated_tail)).double().sum().item()
-        for name, fn in reconstructions.items():
+            tail = h[:, skip_first:].float()
+            if ablation == "zero":
+                ablated = torch.zeros_like(tail)
+            else:
+                ablated = tail.mean(dim=(0, 1), keepdim=True).expand_as(tail)
+            nll_sum[(l, "ablated")] += nll(run_with(ablated))
             flat = tail.reshape(-1, tail.shape[-1])
-            with torch.no_grad():
-                rec = fn(flat)
-            if tuple(rec.shape) != tuple(flat.shape):
-                raise ValueError(f"reconstruction {name!r} must return shape {tuple(flat.shape)}, got {tuple(rec.shape)}")
-            lp = run_with(rec.reshape(tail.shape))
-            sums[name][0] += nll(lp).double().sum().item()
-            p = clean_lp.exp()
-            kl[name] += (p * (clean_lp - lp[:, skip_first:-1])).sum(-1).double().sum().item()
-            del lp
-        del clean, clean_lp
-    ce_clean = sums["clean"][0].item() / n_pred
-    ce_abl = sums["ablated"][0].item() / n_pred
-    results = {}
-    for name in reconstructions:
-        ce = sums[name][0].item() / n_pred
+            for name, fn in recs[l].items():
+                with torch.no_grad():
+                    rec = fn(flat)
+                if tuple(rec.shape) != tuple(flat.shape):
+                    raise ValueError(
+                        f"reconstruction {name!r} must return shape {tuple(flat.shape)}, got {tuple(rec.shape)}")
+                lp = run_with(rec.reshape(tail.shape))
+                nll_sum[(l, name)] += nll(lp)
+                kl_sum[(l, name)] += (p_clean * (clean - lp)).sum(-1).double().sum().item()
+                del lp
+        del clean, p_clean, raw
+    ce_clean = nll_sum["clean"] / n_pred
+    results: dict[int, dict[str, SpliceResult]] = {}
+    for l in layers:
+        ce_abl = nll_sum[(l, "ablated")] / n_pred
         denom = ce_abl - ce_clean
-        rec = (ce_abl - ce) / denom if denom != 0 else float("nan")
-        results[name] = SpliceResult(ce_clean, ce, ce_abl, rec, max(kl[name] / n_pred, 0.0), n_pred)
+        results[l] = {}
+        for name in recs[l]:
+            ce = nll_sum[(l, name)] / n_pred
+            rec = (ce_abl - ce) / denom if denom != 0 else float("nan")
+            results[l][name] = SpliceResult(ce_clean, ce, ce_abl, rec, max(kl_sum[(l, name)] / n_pred, 0.0), n_pred)
     return results
 
 

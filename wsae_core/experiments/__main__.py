@@ -1,0 +1,42 @@
+"""``python -m wsae_core.experiments {synthetic,theory} --profile {ci,book,paper} [--out FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments", description=__doc__)
+    parser.add_argument("experiment", choices=["synthetic", "theory"])
+    parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None,
+                        help="run size (default: WSAE_PROFILE or 'book')")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, <= 4)")
+    parser.add_argument("--out", default=None, help="write all records as JSON to this file")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.experiment == "synthetic":
+        from .synthetic import run_synthetic, spec_for, summary_table
+
+        spec = spec_for(args.profile)
+        records = run_synthetic(spec, workers=args.workers)
+        for model in spec.models:
+            print(summary_table(records, "l_gt_nonzero", model))
+            print(summary_table(records, "recon_x_p", model))
+    else:
+        from .theory import run_theory, spec_for, summary_table
+
+        spec = spec_for(args.profile)
+        records = run_theory(spec, workers=args.workers)
+        print(summary_table(records))
+    print(f"{len(records)} runs in {time.perf_counter() - t0:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
