@@ -174,3 +174,45 @@ def test_rotation():
     np.testing.assert_allclose(R @ R.T, np.eye(2), atol=1e-15)
     with pytest.raises(ValueError, match="theta"):
         g.rotation(float("inf"))
+
+
+def test_fit_theory_sae_finds_scaled_closed_form_and_two_digon_encoder():
+    W = g.superposition_matrix([3])
+    x = np.random.default_rng(0).uniform(size=(20_000, 3))
+    fit = g.fit_theory_sae(W, x, 3)
+    # Theorem 1's W_p^T is not the unconstrained optimum: the rows grow to c* = 1.064 (exact value)
+    np.testing.assert_allclose(np.linalg.norm(fit.W_m, axis=1), 1.06399, atol=0.01)
+    assert fit.loss < g.theory_losses(W, W.T, x).sae.mean()
+    unit = g.fit_theory_sae(W, x, 3, unit_norm=True)
+    np.testing.assert_allclose(np.linalg.norm(unit.W_m, axis=1), 1.0, atol=1e-12)
+    assert g.equivalent(unit.W_m, W.T, atol=0.05)
+    spare = g.fit_theory_sae(W, x, 4, init="random", seed=1)
+    assert spare.loss < 1e-8  # n_m = 4 > n: exact reconstruction by (+-) a basis
+    gam = g.fit_theory_sae(W, x, 3, gamma=[0.5, 2.0])
+    assert gam.W_m.shape == (3, 2)
+    with pytest.raises(ValueError, match="init"):
+        g.fit_theory_sae(W, x, 3, init="zeros")
+    with pytest.raises(ValueError, match=r"init must have shape \(3, 2\)"):
+        g.fit_theory_sae(W, x, 3, init=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="n_m"):
+        g.fit_theory_sae(W, x, 0)
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\)"):
+        g.fit_theory_sae(W, x[:, :2], 3)
+
+
+def test_frobenius_gap_and_rotate_rows():
+    W = g.superposition_matrix([1, 2, 3])
+    gF = g.frobenius_optimal_gamma(W)
+    assert g.frobenius_gap(W, gF, rescale=False) == pytest.approx(g.frobenius_gap(W, gF), abs=1e-12)
+    assert g.frobenius_gap(W, gF) < g.frobenius_gap(W) < g.frobenius_gap(W, (W**2).sum(1))
+    assert g.frobenius_gap(W, 3 * gF) == pytest.approx(g.frobenius_gap(W, gF))  # rescaling removed
+    assert g.frobenius_gap(W, 3 * gF, rescale=False) > g.frobenius_gap(W, gF) + 1
+    T = g.superposition_matrix([3]).T  # rows (0, 1), (sqrt(3)/2, -1/2), (-sqrt(3)/2, -1/2)
+    R = g.rotate_rows(T, [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(np.linalg.norm(R, axis=1), 1.0)
+    np.testing.assert_allclose(R[1:] @ T[1:].T, np.cos([[0.2, 0], [0, 0.3]]) * np.eye(2) + (R[1:] @ T[1:].T) * (1 - np.eye(2)))
+    np.testing.assert_allclose(g.rotate_rows(T, np.pi / 2)[0], [-1.0, 0.0], atol=1e-12)
+    with pytest.raises(ValueError, match="2 columns"):
+        g.rotate_rows(W.T, 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        g.rotate_rows(T, np.nan)

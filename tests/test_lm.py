@@ -294,3 +294,28 @@ def test_splice_layers_shares_the_clean_run(tiny, contexts):
     for layer in (0, 2):
         one = L.splice_metrics(tiny, ids, layer, fns)
         np.testing.assert_allclose(both[layer]["half"], one["half"], rtol=1e-6)
+
+
+def test_sweep_ci_end_to_end(tmp_path):
+    """The layer sweep on the tiny GPT-NeoX: every metric present, SAE and WSAE paired, files written."""
+    from wsae_core.experiments import lm as X
+
+    spec = X.spec_for("ci", layers=(1,), methods=("SAE", "WSAE α=1"), steps=20,
+                      coherence_latents=4, coherence_random=4)
+    res = X.run_lm(spec, cache_root=tmp_path, verbose=False)
+    recs = res["records"]
+    assert [(r["layer"], r["method"]) for r in recs] == [(1, "SAE"), (1, "WSAE α=1")]
+    for r in recs:
+        for key in ("fvu", "l0", "dead", "ce_recovered", "kl", "topic_consistency", "token_entropy",
+                    "embedding_coherence", "topic_consistency_chance"):
+            assert r[key] is not None and np.isfinite(r[key]), key
+        assert 0 < r["l0"] <= spec.k and 0 <= r["dead"] <= 1 and r["kl"] >= 0
+    assert recs[0]["gamma_effective_dims"] == 32 and recs[1]["gamma_effective_dims"] < 32
+    out = X.save_results(res, tmp_path / "r.json")
+    assert json.loads(out.read_text())["spec"]["layers"] == [1]
+    assert out.with_suffix(".csv").read_text().startswith("layer,method")
+    md = X.markdown_table(res, "topic_consistency")
+    assert "| SAE |" in md and "random latents" in md
+    assert X.paired_summary(res, "fvu")["WSAE α=1"]["layers"] == 1
+    with pytest.raises(ValueError, match="methods must be among"):
+        X.spec_for("ci", methods=("L1 SAE",))

@@ -188,3 +188,51 @@ def test_expected_losses_size_limits():
         sy.expected_losses(g.superposition_matrix([3]), np.ones((3, 3)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         sy.mc_estimate([1.0])
+
+
+def test_reconstructs_exactly():
+    for blocks, expected in (([1], True), ([2], True), ([4], True), ([1, 2, 4], True), ([3], False),
+                             ([2, 3], False), ([5], False)):
+        assert sy.reconstructs_exactly(g.superposition_matrix(blocks, exact=True)) is expected
+    W3 = g.superposition_matrix([3], exact=True)
+    basis = np.vstack([np.eye(2), -np.eye(2)])
+    assert sy.reconstructs_exactly(W3, basis @ g.rotation(0.4))
+    assert not sy.reconstructs_exactly(W3, 1.01 * basis)
+    assert not sy.reconstructs_exactly(g.superposition_matrix([2], exact=True), sp.Matrix([[1], [-2]]))
+    with pytest.raises(ValueError, match="n_p = 2 columns"):
+        sy.reconstructs_exactly(W3, np.ones((3, 3)))
+
+
+def test_one_sparse_limit_against_expected_losses():
+    eps = sp.Symbol("eps", positive=True)
+    for blocks in ([3], [1, 2], [5]):
+        W = g.superposition_matrix(blocks, exact=True)
+        lim = sy.one_sparse_limit(W)
+        L = sy.expected_losses(W, c_value=1)
+        for got, full in ((lim.sae, L.sae), (lim.gt, L.gt)):
+            first = sp.Poly(sp.expand(full.subs(Sx, 1 - eps)), eps).coeff_monomial(eps)
+            assert abs(float(got) - float(first)) < 1e-9
+    W3 = g.superposition_matrix([3], exact=True)
+    anti = sy.one_sparse_limit(W3, -sp.sqrt(2) * W3.T)
+    assert (anti.sae, anti.gt, anti.max_active) == (0, 2, 2)
+    assert sy.one_sparse_limit(W3, activation="linear").gt == sp.Rational(1, 2)
+    assert sy.one_sparse_limit(W3, W3.T[:2, :]).gt == sp.Rational(1, 3)
+    assert sy.one_sparse_limit(W3, values="constant").gt == 0
+    with pytest.raises(ValueError, match="activation"):
+        sy.one_sparse_limit(W3, activation="tanh")
+
+
+def test_variance_proxy_and_common_scale():
+    W = g.superposition_matrix([1, 2, 3], exact=True)
+    s = sy.variance_proxy(W, S_value=sp.Rational(1, 2))
+    x = sample(6, 0.5, 200_000, seed=12)
+    xp = x @ np.array(W.evalf(), dtype=float).T
+    np.testing.assert_allclose([float(v) for v in s], xp.var(0), rtol=0.02)
+    sc = sy.variance_proxy(W, S_value=sp.Rational(1, 2), values="constant")
+    assert [float(v) for v in sc] == pytest.approx([0.25, 0.5, 0.375, 0.375])
+    c1, L1 = sy.common_scale_optimum([1, 3], [1, 1], S_value=0)
+    c2, L2 = sy.common_scale_optimum([1, 3], [1, sp.sqrt(sp.Rational(2, 3))], S_value=0)
+    assert 1 < float(c2) < float(c1) < float(sy.optimal_scale(sy.expected_losses_blocks([3]).sae).subs(Sx, 0))
+    assert float(L2) > float(L1)
+    with pytest.raises(ValueError, match="one weight per block"):
+        sy.common_scale_optimum([1, 3], [1])

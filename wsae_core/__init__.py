@@ -6,6 +6,10 @@ The modules each own one idea and import only the ideas listed before them:
 ``geometry``  superposition matrices W_p, interference, the Theorem 1 closed form, recovery, "~"
 ``symbolic``  exact algebra with SymPy: gap matrices, identities, exact expectations
 ``data``      sparse ground truth x and its superposition x_p = W_p x
+``corpus``    text for language models (Wikipedia leads with topics, Shakespeare, files, HF) -> contexts
+``lm``        causal LMs: loading, residual-stream hooks, splicing an SAE in (CE recovered, KL)
+``activations`` on-disk activation cache: sharded, resumable, reused, shuffled reads
+``proxies``   offline interpretability proxies: topic consistency, token entropy, embedding coherence
 ``plots``     one consistent figure style for the book
 
 Import a module explicitly (``from wsae_core import geometry``); importing the package itself

@@ -80,7 +80,7 @@ def build_activation_cache(
     layers: Sequence[int],
     *,
     root: str | Path | None = None,
-    shard_contexts: int = 256,
+    shard_contexts: int = 64,
     batch_size: int = 16,
     dtype: str = "float32",
     verbose: bool = False,
@@ -88,7 +88,8 @@ def build_activation_cache(
     """Run ``lm`` over ``contexts`` once and store the residual stream after every block in ``layers``.
 
     Returns the existing cache untouched when one with the same key is complete (reuse); resumes
-    after the last complete shard when a previous build stopped mid-way (resume). One forward pass
+    after the last complete shard when a previous build stopped mid-way (resume, with the shard size
+    of that build). One forward pass
     per batch fills every layer (:func:`wsae_core.lm.capture_residuals`), stopping after the last
     requested block.
     """
@@ -106,6 +107,7 @@ def build_activation_cache(
             raise RuntimeError(f"cache folder {folder} holds a different key; delete it")
         if meta.get("complete"):
             return ActivationCache(folder)
+        shard_contexts = int(meta["shard_contexts"])  # resume with the shard size already on disk
     folder.mkdir(parents=True, exist_ok=True)
     n_ctx, T = contexts.tokens.shape
     n_shards = -(-n_ctx // shard_contexts)
@@ -206,10 +208,15 @@ class ActivationCache:
             self._maps[layer] = [np.load(s / f"layer_{layer}.npy", mmap_mode="r") for s in self._shards]
         return self._maps[layer]
 
-    def token_indices(self, skip_first: int = 0) -> np.ndarray:
-        """Flat indices (context * context_len + position) of the tokens at positions >= ``skip_first``."""
-        pos = np.arange(self.n_tokens) % self.context_len
-        return np.flatnonzero(pos >= skip_first)
+    def token_indices(self, skip_first: int = 0, contexts: range | None = None) -> np.ndarray:
+        """Flat indices (context * context_len + position) of the tokens at positions >= ``skip_first``,
+        in the contexts ``contexts`` (a ``range``; all by default, e.g. ``range(0, 256)`` for a train split)."""
+        n_ctx = self.tokens.shape[0]
+        ctx = np.arange(n_ctx) if contexts is None else np.asarray(contexts, dtype=np.int64)
+        if ctx.size == 0 or ctx.min() < 0 or ctx.max() >= n_ctx:
+            raise ValueError(f"contexts must be a non-empty range within [0, {n_ctx}), got {contexts!r}")
+        pos = np.arange(skip_first, self.context_len)
+        return (ctx[:, None] * self.context_len + pos[None, :]).ravel()
 
     def gather(self, layer: int, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (flat token indices, any order) of ``layer``'s activations: ``(len(index), d_model)``."""
@@ -224,15 +231,16 @@ class ActivationCache:
             out[sel[order]] = maps[s][local[order]]
         return out
 
-    def activations(self, layer: int, skip_first: int = 0) -> torch.Tensor:
-        """All activations of ``layer`` at positions >= ``skip_first``, in corpus order: ``(n, d_model)``."""
-        return torch.from_numpy(self.gather(layer, self.token_indices(skip_first)))
+    def activations(self, layer: int, skip_first: int = 0, contexts: range | None = None) -> torch.Tensor:
+        """Activations of ``layer`` at positions >= ``skip_first`` of ``contexts``, in corpus order: ``(n, d_model)``."""
+        return torch.from_numpy(self.gather(layer, self.token_indices(skip_first, contexts)))
 
     def batches(
-        self, layer: int, batch_size: int, *, seed: int = 0, skip_first: int = 0, epochs: int = 1
+        self, layer: int, batch_size: int, *, seed: int = 0, skip_first: int = 0, epochs: int = 1,
+        contexts: range | None = None,
     ) -> Iterator[torch.Tensor]:
         """Shuffled batches ``(batch_size, d_model)``: a fresh seeded permutation across all shards each epoch."""
-        index = self.token_indices(skip_first)
+        index = self.token_indices(skip_first, contexts)
         rng = np.random.default_rng(seed)
         for _ in range(epochs):
             perm = index[rng.permutation(index.size)]
@@ -259,10 +267,11 @@ class CacheSource:
     layer, see :func:`norm_scale`).
     """
 
-    def __init__(self, cache: ActivationCache, layer: int, *, skip_first: int = 0, scale: float = 1.0):
+    def __init__(self, cache: ActivationCache, layer: int, *, skip_first: int = 0, scale: float = 1.0,
+                 contexts: range | None = None):
         cache._layer_maps(layer)  # validates the layer
         self.cache, self.layer, self.scale = cache, layer, float(scale)
-        self.index = cache.token_indices(skip_first)
+        self.index = cache.token_indices(skip_first, contexts)
         self.n_p = cache.d_model
         self._perm: np.ndarray | None = None
         self._pos = 0

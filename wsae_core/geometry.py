@@ -34,6 +34,9 @@ __all__ = [
     "check_gamma",
     "rotation",
     "theory_losses",
+    "fit_theory_sae",
+    "frobenius_gap",
+    "rotate_rows",
 ]
 
 
@@ -463,3 +466,34 @@ def fit_theory_sae(W_p: Any, x: Any, n_m: int, *, gamma: Any = None, init: Any =
     if unit_norm:
         W = W / np.linalg.norm(W, axis=1, keepdims=True)
     return TheoryFit(W, float(loss_grad(W.ravel())[0]), bool(res.success))
+
+
+def frobenius_gap(W_p: Any, gamma: Any = None, rescale: bool = True) -> float:
+    """``||W_pᵀ Γ² W_p - I||_F`` (Theorem 5's gap matrix in Frobenius norm), Γ = diag(gamma).
+
+    With ``rescale=True`` the weights are first multiplied by the best common factor (only the
+    *shape* of the weights is judged: ``t* = <A, I> / <A, A>`` for ``A = W_pᵀΓ²W_p``). Chapter
+    *The gap* compares weight rules with it.
+    """
+    A = _as_matrix(W_p, "W_p")
+    n_p, n = A.shape
+    g = np.ones(n_p) if gamma is None else check_gamma(gamma, n_p)
+    M = A.T @ np.diag(g**2) @ A
+    t = np.trace(M) / (M * M).sum() if rescale else 1.0
+    return float(np.linalg.norm(t * M - np.eye(n)))
+
+
+def rotate_rows(W_m: Any, angles: Any) -> np.ndarray:
+    """Rotate each row of a 2-column encoder ``W_m`` ``(n_m, 2)`` by its own angle (radians).
+
+    ``angles`` has shape ``(n_m,)`` (or is one number for all rows). A row keeps its norm, so this
+    explores encoders with fixed row norms (chapter *The closed form*).
+    """
+    W = _as_matrix(W_m, "W_m")
+    if W.shape[1] != 2:
+        raise ValueError(f"rotate_rows needs an encoder with 2 columns (n_p = 2), got shape {W.shape}")
+    a = np.broadcast_to(np.asarray(angles, dtype=float), (W.shape[0],))
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"angles must be finite, got {angles!r}")
+    cos, sin = np.cos(a), np.sin(a)
+    return np.stack([cos * W[:, 0] - sin * W[:, 1], sin * W[:, 0] + cos * W[:, 1]], axis=1)

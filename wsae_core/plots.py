@@ -14,7 +14,7 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["PALETTE", "use_book_style", "plot_superposition", "plot_vector_comparison"]
+__all__ = ["PALETTE", "use_book_style", "plot_superposition", "plot_vector_comparison", "plot_sparsity_sweep", "plot_seed_scatter", "plot_cosine_matrix"]
 
 #: Okabe-Ito colours, in the order the book uses them.
 PALETTE = {
@@ -187,4 +187,190 @@ def plot_exploration(e: Any):
     c.set_title(f"gap {e.gap:+.3f}, weighted gap {e.weighted_gap:+.3f}\n"
                 f"top feature changes in {100 * e.p_top_changed:.0f}% of overlapping samples", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_exact_vs_mc(x: Any, exact: dict[str, Any], mc: dict[str, Any] | None = None, x_mc: Any = None,
+                     ax: Any = None, xlabel: str = "", ylabel: str = "", title: str | None = None,
+                     marks: dict[str, tuple[float, float]] | None = None):
+    """Exact curves (lines) with Monte-Carlo checks (points with ±2 standard-error bars).
+
+    ``exact`` maps a label to values on the grid ``x``; ``mc`` maps the same labels to arrays
+    ``(len(x_mc), 2)`` of (mean, standard error); ``marks`` maps a label to one point ``(x, y)``
+    drawn as a black star (an optimum, say; labels starting with "_" stay out of the legend).
+    Used by the Theory chapters.
+    """
+    x = np.asarray(x, dtype=float)
+    if ax is None:
+        fig, ax = plt.subplots()
+    else:
+        fig = ax.figure
+    for i, (label, ys) in enumerate(exact.items()):
+        col = CYCLE[i % len(CYCLE)]
+        ax.plot(x, np.asarray(ys, dtype=float), color=col, lw=2, label=label)
+        if mc and label in mc:
+            v = np.asarray(mc[label], dtype=float)
+            ax.errorbar(np.asarray(x_mc, dtype=float), v[:, 0], yerr=2 * v[:, 1], fmt="o", ms=4, capsize=3,
+                        color=col, mfc="white")
+    for i, (label, (mx, my)) in enumerate((marks or {}).items()):
+        ax.plot([mx], [my], marker="*", ms=13, ls="none", color=PALETTE["black"], label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_matrix(M: Any, ax: Any = None, title: str | None = None, labels: Sequence[str] | None = None,
+                fmt: str = "{:.2f}"):
+    """A small matrix (a gap matrix, say) as a diverging heat map with its entries written in."""
+    A = np.asarray(M, dtype=float)
+    if A.ndim != 2:
+        raise ValueError(f"M must be a 2-D matrix, got shape {A.shape}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.55 * A.shape[1] + 1.8, 0.55 * A.shape[0] + 1.2))
+    else:
+        fig = ax.figure
+    lim = max(np.abs(A).max(), 1e-12)
+    ax.imshow(A, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    for (i, j), v in np.ndenumerate(A):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                color="white" if abs(v) > 0.6 * lim else "black")
+    ticks = labels if labels is not None else [str(i + 1) for i in range(A.shape[1])]
+    ax.set_xticks(range(A.shape[1]), ticks)
+    ax.set_yticks(range(A.shape[0]), ticks[: A.shape[0]] if labels is not None else [str(i + 1) for i in range(A.shape[0])])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_sweep(records: Sequence[dict], metrics: Sequence[tuple[str, str]], ncols: int = 3,
+                     title: str | None = None):
+    """One panel per metric of a layer sweep (chapter *SAEs and WSAEs on a language model*).
+
+    ``records``: dicts with ``layer``, ``method`` and the metric keys (``wsae_core.experiments.lm``);
+    ``metrics``: ``(key, label)`` pairs. A metric with a ``<key>_chance`` entry gets its random-latent
+    level drawn as a dashed grey line.
+    """
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    layers = sorted({r["layer"] for r in records})
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, metrics):
+        for i, m in enumerate(methods):
+            val = {r["layer"]: r.get(key) for r in records if r["method"] == m}
+            ys = [np.nan if val.get(l) is None else val[l] for l in layers]
+            ax.plot(layers, ys, marker="o", ms=4, color=CYCLE[i % len(CYCLE)], label=m)
+        ch = {r["layer"]: r.get(key + "_chance") for r in records if r["method"] == methods[0]}
+        if any(v is not None for v in ch.values()):
+            ax.plot(layers, [np.nan if ch.get(l) is None else ch[l] for l in layers], ls="--", color="0.5",
+                    label="random latents")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def plot_sparsity_sweep(summaries: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str] | None = None,
+                        logy: Sequence[str] = (), title: str | None = None, ncols: int = 4):
+    """One panel per metric against the density ``1 - S`` (log axis, sparser to the right), one
+    line per method with error bars (chapter *WSAE on synthetic data*).
+
+    ``summaries``: ``{metric: {method: {"S", "mean", "sem"}}}`` as from
+    :func:`wsae_core.experiments.synthetic.summarise`; ``labels``: axis titles per metric;
+    ``logy``: metrics drawn on a log y axis.
+    """
+    keys = list(summaries)
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, min(ncols, len(keys)), figsize=(3.2 * min(ncols, len(keys)), 2.9 * nrows),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, (method, s) in enumerate(summaries[key].items()):
+            dens = np.maximum(1 - np.asarray(s["S"], dtype=float), 1e-4)
+            ax.errorbar(dens, s["mean"], yerr=s["sem"], marker="o", ms=3.5, capsize=2, lw=1.4,
+                        color=CYCLE[i % len(CYCLE)], label=method)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        if key in logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("density 1 − S")
+        ax.set_title((labels or {}).get(key, key), fontsize=10)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, lab = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, lab, loc="lower center", ncol=len(lab), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_seed_scatter(records: Sequence[dict], key: str, group: str = "config", ax: Any = None,
+                      ylabel: str | None = None, logy: bool = False, title: str | None = None):
+    """Each run as a point against the density ``1 - S`` (log axis), one colour per ``group``,
+    the median over seeds joined by a line (chapter *Training meets theory*)."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    else:
+        fig = ax.figure
+    groups = list(dict.fromkeys(r[group] for r in records))
+    for i, g in enumerate(groups):
+        rs = [r for r in records if r[group] == g]
+        Ss = sorted({r["S"] for r in rs})
+        c = CYCLE[i % len(CYCLE)]
+        jitter = 1 + 0.06 * (i - (len(groups) - 1) / 2)
+        for S in Ss:
+            ys = [r[key] for r in rs if r["S"] == S]
+            ax.scatter(np.full(len(ys), max(1 - S, 1e-4) * jitter), ys, s=14, color=c, alpha=0.7)
+        med = [np.median([r[key] for r in rs if r["S"] == S]) for S in Ss]
+        ax.plot([max(1 - S, 1e-4) * jitter for S in Ss], med, color=c, lw=1.4, label=str(g))
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("density 1 − S")
+    ax.set_ylabel(ylabel or key)
+    ax.legend(frameon=False, fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cosine_matrix(directions: Any, W_p: Any, ax: Any = None, title: str | None = None):
+    """|cosine| between an SAE's latent directions ``(n_m, n_p)`` (rows, ordered by their matched
+    feature) and the features, the columns of W_p ``(n_p, n)``: a permutation of the identity
+    (plus zero rows) means the SAE found the features (chapter *Training meets theory*)."""
+    from .metrics import match_latents
+
+    D = np.asarray(directions, dtype=float)
+    W = np.asarray(W_p, dtype=float)
+    m = match_latents(D, W)
+    rest = [j for j in range(D.shape[0]) if j not in set(m.perm.tolist())]
+    order = [p for p in m.perm if p >= 0] + rest
+    Dn = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
+    C = np.abs(Dn[order] @ (W / np.linalg.norm(W, axis=0, keepdims=True)))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.35 * W.shape[1] + 1.5, 0.35 * D.shape[0] + 1.0))
+    else:
+        fig = ax.figure
+    ax.imshow(C, vmin=0, vmax=1, cmap="Greys", aspect="auto")
+    ax.set_xlabel("feature i")
+    ax.set_ylabel("latent (matched order)")
+    ax.set_xticks(range(W.shape[1]), [str(i + 1) for i in range(W.shape[1])], fontsize=8)
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig

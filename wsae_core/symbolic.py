@@ -55,6 +55,11 @@ __all__ = [
     "feature_recovery",
     "top_change_probability",
     "mc_estimate",
+    "value_moments",
+    "variance_proxy",
+    "common_scale_optimum",
+    "reconstructs_exactly",
+    "one_sparse_limit",
 ]
 
 #: The sparsity and the encoder scale as SymPy symbols (the default free variables of the results).
@@ -691,3 +696,141 @@ def mc_estimate(samples: Any) -> tuple[float, float]:
     if a.size < 2:
         raise ValueError(f"need at least 2 samples for a standard error, got {a.size}")
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size))
+
+
+def value_moments(values: Values = "uniform") -> tuple[sp.Expr, sp.Expr]:
+    """``(E[u], E[u²])`` of an active feature's value: (1/2, 1/3) for Uniform[0, 1], (1, 1) for 1."""
+    _check_values(values)
+    return (sp.Rational(1, 2), sp.Rational(1, 3)) if values == "uniform" else (sp.Integer(1), sp.Integer(1))
+
+
+def variance_proxy(W_p: Any, *, S_value: Any = None, values: Values = "uniform") -> list[sp.Expr]:
+    """Exact ``s_i = Var(x_p,i)``, the WSAE's practical monosemanticity proxy, shape ``(n_p,)``.
+
+    The features are independent with a common variance ``v(S) = (1-S)E[u²] - (1-S)²E[u]²``, so
+    ``s_i = v(S) ||r_i||²`` with ``r_i`` the i-th row of W_p (chapter *The gap*).
+    """
+    W = _sympy_matrix(W_p, "W_p")
+    S_ = _check_S(S_value)
+    m1, m2 = value_moments(values)
+    v = (1 - S_) * m2 - (1 - S_) ** 2 * m1**2
+    return [sp.factor(sp.simplify(v * (W.row(i) * W.row(i).T)[0])) for i in range(W.rows)]
+
+
+def common_scale_optimum(blocks: Sequence[int], block_weights: Sequence[Any], *, S_value: Any = None,
+                         values: Values = "uniform") -> tuple[sp.Expr, sp.Expr]:
+    """One scale ``c`` shared by all groups: the WSAE optimum ``c*`` and E[L_GT] there.
+
+    ``W_m = c W_pᵀ`` with ``W_p = superposition_matrix(blocks)`` and Γ equal to
+    ``block_weights[b]`` on every dimension of group b, so that
+    ``E[L_WSAE](c) = Σ_b γ_b² E[L_SAE,b](c)``. Returns ``(c*, E[L_GT](c*))`` (chapter *The gap*:
+    reweighting moves the optimum only through parameters the groups share).
+    """
+    sizes = geometry._validate_blocks(blocks)
+    if len(block_weights) != len(sizes):
+        raise ValueError(f"block_weights must have one weight per block ({len(sizes)}), got {len(block_weights)}")
+    w = _check_gamma_symbolic(block_weights, len(sizes))
+    S_ = _check_S(S_value)
+    L_w, L_gt = sp.Integer(0), sp.Integer(0)
+    for k, g in zip(sizes, w):
+        r = _block_losses(k, values)
+        L_w += g**2 * r.sae
+        L_gt += r.gt
+    L_w, L_gt = sp.expand(L_w.subs(S, S_)), sp.expand(L_gt.subs(S, S_))
+    if sp.Poly(L_w, c).coeff_monomial(c**4) == 0:
+        return sp.Integer(1), L_gt.subs(c, 1)  # every group is reconstructed exactly at c = 1
+    c_star = optimal_scale(L_w)
+    return c_star, sp.simplify(L_gt.subs(c, c_star))
+
+
+def reconstructs_exactly(W_p: Any, W_m: Any = None) -> bool:
+    """True when the tied ReLU SAE reconstructs every superposed input exactly:
+    ``W_mᵀ relu(W_m W_p x) = W_p x`` for all ``x >= 0``.
+
+    ``W_p``: ``(n_p, n)``; ``W_m``: ``(n_m, n_p)``, default ``W_pᵀ`` (Theorem 1's closed form);
+    SymPy (exact) or arrays. On each region of x where the sign pattern P of ``W_m W_p x`` is fixed
+    the map is linear, so the identity holds iff ``W_mᵀ P W_m W_p = W_p`` for every pattern
+    realised on a region of positive volume. Patterns are grown latent by latent (``n_m <= 12``),
+    a prefix kept only if a linear program finds a region realising it; the identity is checked
+    exactly in SymPy. Exact reconstruction makes L_SAE = 0, so W_m is then optimal for every value
+    distribution (chapter *The closed form*).
+    """
+    from scipy.optimize import linprog
+
+    Wp = _sympy_matrix(W_p, "W_p")
+    n_p, n = Wp.shape
+    M = Wp.T if W_m is None else _sympy_matrix(W_m, "W_m")
+    if M.shape[1] != n_p:
+        raise ValueError(f"W_m must have n_p = {n_p} columns, got shape {M.shape}")
+    n_m = M.shape[0]
+    if n_m > 12:
+        raise ValueError(f"W_m may have at most 12 rows here (2^n_m sign patterns), got {n_m}")
+    H = M * Wp
+    Hf = np.array(H.evalf(), dtype=float)
+    live = [j for j in range(n_m) if np.any(np.abs(Hf[j]) > 1e-12)]
+
+    def realised(rows: list[int], signs: list[int]) -> bool:
+        # maximise t subject to sign_j (H x)_j >= t and t <= x_i <= 1 - t: a region of positive
+        # volume exists iff t* > 0
+        sg = np.array(signs, dtype=float)[:, None]
+        A_ub = np.vstack([np.hstack([-(sg * Hf[rows]), np.ones((len(rows), 1))]),
+                          np.hstack([-np.eye(n), np.ones((n, 1))]), np.hstack([np.eye(n), np.ones((n, 1))])])
+        b_ub = np.r_[np.zeros(len(rows)), np.zeros(n), np.ones(n)]
+        res = linprog(np.r_[np.zeros(n), -1.0], A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * (n + 1), method="highs")
+        return res.status == 0 and -res.fun > 1e-9
+
+    # Grow sign patterns latent by latent, dropping prefixes no region realises.
+    patterns: list[list[int]] = [[]]
+    for k in range(len(live)):
+        patterns = [p + [sg] for p in patterns for sg in (1, -1) if realised(live[: k + 1], p + [sg])]
+    for signs in patterns:
+        P = sp.diag(*[1 if (j in live and signs[live.index(j)] > 0) else 0 for j in range(n_m)])
+        if (M.T * P * H - Wp).applyfunc(sp.simplify) != sp.zeros(n_p, n):
+            return False
+    return True
+
+
+class OneSparseLimit(NamedTuple):
+    """Extreme-sparsity limits ``lim_{S->1} E[L]/(1-S)`` (Theorems 2 and 3), exact SymPy numbers."""
+
+    sae: sp.Expr
+    """Σ_i E[u²] ||w_i - W_mᵀ σ(W_m w_i)||²: zero iff every 1-sparse x_p is reconstructed."""
+    gt: sp.Expr
+    """Σ_i E[u²] ||e_i - σ(W_m w_i)||²: zero iff every 1-sparse x is recovered (x_m = x)."""
+    max_active: int
+    """The largest number of latents a 1-sparse input activates (1 = sparse activation)."""
+
+
+def one_sparse_limit(W_p: Any, W_m: Any = None, *, activation: Literal["relu", "linear"] = "relu",
+                     values: Values = "uniform") -> OneSparseLimit:
+    """The S -> 1 limit of the expected losses divided by ``1 - S`` (chapter *Extreme sparsity*).
+
+    As S -> 1 a sample has one active feature with probability ``n(1-S) + O((1-S)^2)``, two or
+    more with ``O((1-S)^2)``, so ``E[L] = (1-S) Σ_i E[ℓ(u e_i)] + O((1-S)^2)``; every loss is
+    homogeneous of degree 2 in ``u``. ``W_p``: ``(n_p, n)``; ``W_m``: ``(n_m, n_p)``, default
+    ``W_pᵀ``; latent i is matched to feature i (zero padding). ``activation="linear"`` drops
+    the ReLU (an SAE without sparse activation).
+    """
+    _check_values(values)
+    if activation not in ("relu", "linear"):
+        raise ValueError(f"activation must be 'relu' or 'linear', got {activation!r}")
+    Wp = _sympy_matrix(W_p, "W_p")
+    n_p, n = Wp.shape
+    M = Wp.T if W_m is None else _sympy_matrix(W_m, "W_m")
+    if M.shape[1] != n_p:
+        raise ValueError(f"W_m must have n_p = {n_p} columns, got shape {M.shape}")
+    n_m, N = M.shape[0], max(n, M.shape[0])
+    act = (lambda z: sp.Max(z, 0)) if activation == "relu" else (lambda z: z)
+    m2 = value_moments(values)[1]
+    sae = gt = sp.Integer(0)
+    most = 0
+    for i in range(n):
+        w = Wp.col(i)
+        z = (M * w).applyfunc(sp.simplify)
+        x_m = z.applyfunc(act)
+        r = w - M.T * x_m
+        e = sp.Matrix([1 if j == i else 0 for j in range(N)]) - x_m.col_join(sp.zeros(N - n_m, 1))
+        sae += (r.T * r)[0]
+        gt += (e.T * e)[0]
+        most = max(most, sum(1 for v in x_m if v != 0))
+    return OneSparseLimit(sp.nsimplify(sp.simplify(m2 * sae)), sp.nsimplify(sp.simplify(m2 * gt)), most)

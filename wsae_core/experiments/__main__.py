@@ -1,4 +1,6 @@
-"""``python -m wsae_core.experiments {synthetic,theory} --profile {ci,book,paper} [--out FILE]``."""
+"""``python -m wsae_core.experiments {synthetic,theory} --profile {ci,book,paper} [--out FILE]``;
+``python -m wsae_core.experiments lm --profile {ci,book,paper}`` (see ``experiments/lm.py``);
+``python -m wsae_core.experiments interp [calibration|sweep] --profile ...`` (``experiments/interp.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,15 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm"]:  # the language-model layer sweep has its own options (experiments/lm.py)
+        from .lm import main as lm_main
+
+        return lm_main(argv[1:])
+    if argv[:1] == ["interp"]:  # auto-interpretability: calibration and sweep (experiments/interp.py)
+        from .interp import main as interp_main
+
+        return interp_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments", description=__doc__)
     parser.add_argument("experiment", choices=["synthetic", "theory"])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None,

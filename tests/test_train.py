@@ -1,0 +1,149 @@
+"""Tests for wsae_core.train: determinism, exact resume, save/load, schedule, config errors, and a
+golden-number end-to-end run (dictionary_learning style: a silent change in a number fails loudly)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from wsae_core import data, geometry, metrics, models, train, weights
+
+W_P = geometry.superposition_matrix([1, 2, 3])  # n_p = 4, n = 6
+
+
+def _trainer(kind="theory", steps=60, gamma=None, **cfg_kw):
+    k = 2 if kind == "topk" else None
+    l1 = 1e-3 if kind == "relu" else 0.0
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8, kind=kind, k=k, l1_coeff=l1, seed=5))
+    cfg = train.TrainConfig(steps=steps, batch_size=64, lr=1e-2, warmup_steps=5, seed=11, log_every=10,
+                            progress=False, threads=1, **cfg_kw)
+    return train.Trainer(sae, data.SparseSource(W_P, 0.8), cfg, gamma=gamma)
+
+
+def _state(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["theory", "relu", "topk"])
+def test_deterministic(kind):
+    a, b = _trainer(kind), _trainer(kind)
+    a.fit()
+    b.fit()
+    for k, v in _state(a).items():
+        assert torch.equal(v, _state(b)[k]), k
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize("kind", ["theory", "relu", "topk"])
+def test_exact_resume(kind, tmp_path):
+    gamma = torch.tensor([1.0, 0.5, 0.8, 1.2])
+    full = _trainer(kind, gamma=gamma)
+    full.fit()
+    ck = tmp_path / "ck"
+    part = _trainer(kind, gamma=gamma, checkpoint_every=20, checkpoint_dir=str(ck))
+    part.fit(until=50)  # "interrupted" at step 50; last checkpoint at step 40
+    resumed = train.Trainer.from_checkpoint(ck, data.SparseSource(W_P, 0.8))
+    assert resumed.step == 40
+    resumed.fit()
+    for k, v in _state(full).items():
+        assert torch.equal(v, _state(resumed)[k]), k  # bitwise
+    assert resumed.history == full.history
+    assert torch.equal(resumed.steps_since_fired, full.steps_since_fired)
+
+
+def test_save_load_round_trip(tmp_path):
+    t = _trainer("topk", steps=10)
+    t.fit()
+    train.save_sae(t.model, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["sae"]["kind"] == "topk" and cfg["sae"]["k"] == 2
+    m = train.load_sae(tmp_path / "sae")
+    x = torch.randn(5, 4)
+    assert torch.equal(m(x).reconstruction, t.model(x).reconstruction)
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        train.load_sae(tmp_path / "missing")
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(steps=101, lr=1.0, warmup_steps=10, final_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1)
+    assert train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(100, cfg) == pytest.approx(0.1)
+    assert train.lr_at(55, cfg) == pytest.approx(0.55)  # cosine midpoint
+    lin = train.TrainConfig(steps=100, lr=1.0, warmup_steps=0, decay="linear", final_lr_ratio=0.0)
+    assert train.lr_at(99, lin) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(lr=-1.0), "lr must be a finite number > 0"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0"),
+        (dict(decay="step"), "decay must be"),
+        (dict(precision="fp16"), "precision must be"),
+        (dict(device="tpu"), "device must be"),
+        (dict(checkpoint_every=10), "needs a checkpoint_dir"),
+        (dict(final_lr_ratio=2.0), r"final_lr_ratio must be in \[0, 1\]"),
+        (dict(beta2=1.0), r"beta2 must be in \[0, 1\)"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        train.TrainConfig(**kw)
+
+
+def test_trainer_input_errors():
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8))
+    with pytest.raises(ValueError, match="data has n_p = 2 but the model expects n_p = 4"):
+        train.Trainer(sae, data.SparseSource(geometry.superposition_matrix([2, 2]), 0.5))
+    with pytest.raises(ValueError, match=r"gamma\[0\] = 0.0"):
+        train.Trainer(sae, data.SparseSource(W_P, 0.5), gamma=[0.0, 1, 1, 1])
+    with pytest.raises(TypeError, match="sample"):
+        train.Trainer(sae, [1, 2, 3])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train.Trainer(sae, data.SparseSource(W_P, 0.5), train.TrainConfig(device="cuda"))
+
+
+def test_dead_latent_tracking():
+    t = _trainer("topk", steps=30)
+    t.fit()
+    assert 0.0 <= t.dead_fraction() <= 1.0
+    assert all("dead_fraction" in h for h in t.history)
+    with torch.no_grad():
+        t.model.W_enc[0].fill_(-100.0)  # latent 0 can never win the Top-k again
+    t.cfg.steps = 60
+    t.cfg.dead_steps = 10
+    t.fit()
+    assert t.steps_since_fired[0] >= 30
+
+
+# Golden numbers: theory SAE and WSAE (oracle Γ) on mono + digon + triangle, S = 0.9, fixed seeds.
+# Relative tolerance 2%: loose enough for another CPU's GEMM rounding, tight enough that a changed
+# sampler, initialisation, schedule or loss fails.
+EXPECTED_RESULTS = {
+    "theory_sae": {"mean_cosine": 0.745980, "l_gt": 0.236864, "recon_x_p": 0.00683742},
+    "theory_wsae_oracle": {"mean_cosine": 0.833885, "l_gt": 0.156489, "recon_x_p": 0.00978818},
+}
+TOLERANCE = 0.02
+
+
+def _golden_run(rule):
+    W = geometry.superposition_matrix([1, 2, 3])
+    src = data.SparseSource(W, 0.9)
+    gamma = weights.make_gamma(rule, n_p=4, W_p=W)
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=6, seed=0))
+    cfg = train.TrainConfig(steps=400, batch_size=256, lr=2e-2, warmup_steps=20, seed=0, progress=False, threads=1)
+    train.Trainer(sae, src, cfg, gamma=gamma).fit()
+    x, _ = src.sample_pair(4096, torch.Generator().manual_seed(123))
+    return metrics.evaluate_recovery(sae, x, W)
+
+
+@pytest.mark.parametrize("name, rule", [("theory_sae", "uniform"), ("theory_wsae_oracle", "oracle")])
+def test_golden_end_to_end(name, rule):
+    got = _golden_run(rule)
+    for key, want in EXPECTED_RESULTS[name].items():
+        assert want is not None, f"{name}.{key} = {got[key]!r} (fill EXPECTED_RESULTS)"
+        assert math.isclose(got[key], want, rel_tol=TOLERANCE), (name, key, got[key], want)

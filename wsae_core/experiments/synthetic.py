@@ -1,0 +1,212 @@
+"""The paper's synthetic WSAE experiment (Figure 3), chapter *WSAE on synthetic data*.
+
+n = 200 features, n_p = 20 dimensions, n_m = 200 latents; for every sparsity S in a grid, every
+seed and every model (theory SAE, Top-k practical SAE) train the plain SAE and WSAEs whose Γ comes
+from the variance rule (α = 0.5, 1) or the oracle rule, then measure recovery on held-out data.
+
+Choices the paper leaves open (documented in the chapter): W_p = :data:`~wsae_core.data.DEFAULT_SUPERPOSITION`
+(random unit columns) fixed across seeds (seed 0); Adam, lr 3e-2, batch 512, 800 steps (book profile),
+50 warm-up steps, cosine decay to 0.1 lr; Top-k with ``k = max(1, round(n (1 - S)))`` (the expected number of active features);
+the variance rule uses the variance of 8,192 samples of x_p drawn at the same S. Within a seed
+all methods share the initialisation and the data stream (paired comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..profile import Profile, pick
+
+__all__ = ["METHODS", "SyntheticSpec", "spec_for", "run_synthetic", "summarise", "summary_table",
+           "paired_change", "change_table", "gammas_for", "topk_k"]
+
+#: (label, rule, alpha) of each method; "SAE" is the uniform rule.
+METHODS: tuple[tuple[str, str, float], ...] = (
+    ("SAE", "uniform", 0.0),
+    ("WSAE α=0.5", "variance", 0.5),
+    ("WSAE α=1", "variance", 1.0),
+    ("WSAE oracle", "oracle", 0.0),
+)
+
+
+@dataclass
+class SyntheticSpec:
+    """Size of the synthetic sweep; :func:`spec_for` gives the per-profile values."""
+
+    S_grid: tuple[float, ...] = (0.0, 0.5, 0.9, 0.97, 0.99, 0.999)
+    """Sparsities, from dense (0) to extremely sparse."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds (initialisation and data stream)."""
+    models: tuple[str, ...] = ("theory", "topk")
+    """SAE kinds: ``"theory"`` (tied, no bias) and/or ``"topk"`` (practical)."""
+    methods: tuple[str, ...] = tuple(m[0] for m in METHODS)
+    """Labels from :data:`METHODS`."""
+    n: int = 200
+    """Ground-truth features."""
+    n_p: int = 20
+    """Dimensions of x_p."""
+    n_m: int = 200
+    """SAE latents."""
+    superposition: str = "random"
+    """How W_p is made (:func:`wsae_core.data.synthetic_superposition`)."""
+    W_p_seed: int = 0
+    """Seed of W_p (the same W_p for every training seed)."""
+    steps: int = 800
+    """Optimiser steps per run."""
+    batch_size: int = 512
+    """Samples per step."""
+    lr: float = 3e-2
+    """Peak Adam learning rate."""
+    eval_samples: int = 8192
+    """Held-out samples for the metrics (and for the variance rule)."""
+
+    def __post_init__(self):
+        known = {m[0] for m in METHODS}
+        bad = [m for m in self.methods if m not in known]
+        if bad:
+            raise ValueError(f"methods must be among {sorted(known)}, got {bad}")
+        bad = [m for m in self.models if m not in ("theory", "topk")]
+        if bad:
+            raise ValueError(f"models must be 'theory' and/or 'topk', got {bad}")
+
+
+def spec_for(profile: Profile | None = None, **overrides: Any) -> SyntheticSpec:
+    """The sweep for a profile: ``ci`` (seconds), ``book`` (default, about 2 min on 2 cores),
+    ``paper`` (more steps and seeds, a finer S grid)."""
+    spec = SyntheticSpec(
+        S_grid=pick(ci=(0.0, 0.99), book=(0.0, 0.5, 0.9, 0.97, 0.99, 0.999),
+                    paper=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999), profile=profile),
+        seeds=pick(ci=(0, 1), book=(0, 1, 2), paper=tuple(range(10)), profile=profile),
+        steps=pick(ci=20, book=800, paper=10_000, profile=profile),
+        batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
+        eval_samples=pick(ci=1024, book=8192, paper=65_536, profile=profile),
+    )
+    return replace(spec, **overrides)
+
+
+def topk_k(n: int, S: float, n_m: int) -> int:
+    """Top-k's k for sparsity S: the expected number of active features ``round(n (1 - S))``, in [1, n_m]."""
+    return int(min(n_m, max(1, round(n * (1 - S)))))
+
+
+def gammas_for(W_p: np.ndarray, S: float, seed: int, n_samples: int = 8192) -> dict[str, np.ndarray]:
+    """γ of every method ``(n_p,)`` for this W_p and S (variance from ``n_samples`` samples of x_p)."""
+    import torch
+
+    from ..data import SparseSource
+    from ..weights import make_gamma
+
+    src = SparseSource(W_p, S)
+    _, x_p = src.sample_pair(n_samples, torch.Generator().manual_seed(10_000 + seed))
+    n_p = W_p.shape[0]
+    return {label: make_gamma(rule, n_p=n_p, alpha=alpha, x_p=x_p, W_p=W_p).numpy()
+            for label, rule, alpha in METHODS}
+
+
+def _run_task(task: dict) -> dict:
+    """One training run: ``task`` holds W_p, S, seed, model, method and the spec's sizes."""
+    import torch
+
+    from ..data import SparseSource
+    from ..metrics import evaluate_recovery
+    from ..models import SAEConfig, build_sae
+    from ..train import Trainer, TrainConfig
+
+    spec = SyntheticSpec(**task["spec"])
+    W_p = np.asarray(task["W_p"])
+    S, seed, model, method = task["S"], task["seed"], task["model"], task["method"]
+    gamma = gammas_for(W_p, S, seed, spec.eval_samples)[method]
+    k = topk_k(spec.n, S, spec.n_m) if model == "topk" else None
+    sae = build_sae(SAEConfig(n_p=spec.n_p, n_m=spec.n_m, kind=model, k=k, seed=seed))
+    src = SparseSource(W_p, S)
+    cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=min(50, spec.steps // 10),
+                      seed=seed, log_every=spec.steps, progress=False, threads=1)
+    trainer = Trainer(sae, src, cfg, gamma=gamma)
+    trainer.fit()
+    x, _ = src.sample_pair(spec.eval_samples, torch.Generator().manual_seed(20_000 + seed))
+    out = {"S": S, "seed": seed, "model": model, "method": method, "k": k}
+    out.update(evaluate_recovery(sae, x, W_p))
+    out["train_fvu"] = trainer.history[-1]["fvu"]
+    return out
+
+
+def run_synthetic(spec: SyntheticSpec | None = None, workers: int | None = None) -> list[dict]:
+    """Run the whole grid (S x seeds x models x methods); one record (dict of metrics) per run.
+
+    Metrics per record: see :func:`wsae_core.metrics.evaluate_recovery`; plus S, seed, model,
+    method, k (Top-k) and the last training FVU.
+    """
+    from ..data import synthetic_superposition
+    from . import run_tasks
+
+    spec = spec or spec_for()
+    W_p = synthetic_superposition(spec.superposition, spec.n, spec.n_p, seed=spec.W_p_seed)
+    tasks = [{"spec": asdict(spec), "W_p": W_p.tolist(), "S": S, "seed": s, "model": m, "method": meth}
+             for m in spec.models for S in spec.S_grid for s in spec.seeds for meth in spec.methods]
+    # Longest runs first (dense data, large k) so that the workers finish together.
+    order = sorted(range(len(tasks)), key=lambda i: (tasks[i]["S"], tasks[i]["model"] != "topk"))
+    results = run_tasks(_run_task, [tasks[i] for i in order], workers)
+    back = [None] * len(tasks)
+    for i, r in zip(order, results):
+        back[i] = r
+    return back
+
+
+def summarise(records: list[dict], metric: str, model: str) -> dict[str, dict[str, np.ndarray]]:
+    """``{method: {"S": (n_S,), "mean": (n_S,), "sem": (n_S,)}}`` of ``metric`` over seeds."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    rows = [r for r in records if r["model"] == model]
+    if not rows:
+        raise ValueError(f"no records for model {model!r}")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        Ss = sorted({r["S"] for r in rows if r["method"] == method})
+        vals = [np.array([r[metric] for r in rows if r["method"] == method and r["S"] == S]) for S in Ss]
+        out[method] = {
+            "S": np.array(Ss),
+            "mean": np.array([v.mean() for v in vals]),
+            "sem": np.array([v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0 for v in vals]),
+        }
+    return out
+
+
+def paired_change(records: list[dict], metric: str, model: str, method: str, baseline: str = "SAE") -> dict[str, np.ndarray]:
+    """Relative change of ``metric`` for ``method`` vs ``baseline`` at each S, paired by seed:
+    ``(method - baseline) / baseline``; returns ``{"S", "mean", "sem"}`` (negative = lower)."""
+    rows = [r for r in records if r["model"] == model]
+    Ss = sorted({r["S"] for r in rows})
+    means, sems = [], []
+    for S in Ss:
+        base = {r["seed"]: r[metric] for r in rows if r["S"] == S and r["method"] == baseline}
+        new = {r["seed"]: r[metric] for r in rows if r["S"] == S and r["method"] == method}
+        d = np.array([(new[s] - base[s]) / base[s] for s in base if s in new and base[s] != 0])
+        means.append(d.mean() if d.size else np.nan)
+        sems.append(d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0)
+    return {"S": np.array(Ss), "mean": np.array(means), "sem": np.array(sems)}
+
+
+def summary_table(records: list[dict], metric: str, model: str, digits: int = 3) -> str:
+    """A plain-text table: one row per S, one column per method, ``mean ± sem`` over seeds."""
+    summ = summarise(records, metric, model)
+    methods = list(summ)
+    head = f"{metric} ({model} SAE), mean ± s.e.m. over seeds"
+    cols = ["S".rjust(6)] + [m.rjust(18) for m in methods]
+    lines = [head, " ".join(cols)]
+    for i, S in enumerate(summ[methods[0]]["S"]):
+        cells = [f"{S:6g}"] + [f"{summ[m]['mean'][i]:.{digits}g} ± {summ[m]['sem'][i]:.1g}".rjust(18) for m in methods]
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def change_table(records: list[dict], metric: str, model: str, baseline: str = "SAE") -> str:
+    """Plain-text table of :func:`paired_change` in percent for every method against ``baseline``:
+    one row per S, ``mean ± s.e.m.`` over seeds (negative = lower than the baseline)."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in records if r["model"] == model) if m != baseline]
+    ch = {m: paired_change(records, metric, model, m, baseline) for m in methods}
+    lines = [f"{model} SAE: change of {metric} vs {baseline} (%), mean ± s.e.m. over seeds",
+             "     S " + "".join(f"{m:>17s}" for m in methods)]
+    for i, S in enumerate(ch[methods[0]]["S"]):
+        lines.append(f"{S:6g} " + "".join(f"{100 * ch[m]['mean'][i]:+9.1f} ± {100 * ch[m]['sem'][i]:4.1f} " for m in methods))
+    return "\n".join(lines)

