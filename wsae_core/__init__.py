@@ -10,6 +10,7 @@ The modules each own one idea and import only the ideas listed before them:
 ``lm``        causal LMs: loading, residual-stream hooks, splicing an SAE in (CE recovered, KL)
 ``activations`` on-disk activation cache: sharded, resumable, reused, shuffled reads
 ``proxies``   offline interpretability proxies: topic consistency, token entropy, embedding coherence
+``interp``    LLM auto-interpretability: example selection, explain / detect / fuzz, chat clients, response cache
 ``plots``     one consistent figure style for the book
 
 Import a module explicitly (``from wsae_core import geometry``); importing the package itself

@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -227,11 +227,3 @@ def tokenize_contexts(
     spec = f"{source or 'docs'}|n_docs={len(docs)}|seed={seed}|T={context_len}|N={n_contexts}|tok={Path(str(tok_name)).name}|vocab={len(tokenizer)}"
     return Contexts(tokens, doc_ids, doc_label[doc_ids], label_names, [d.title for d in docs], spec)
 
-
-def iter_windows(contexts: Contexts, positions: Iterable[tuple[int, int]], before: int = 12, after: int = 3):
-    """Token-id windows around ``(context, position)`` pairs, clipped to the token's own document."""
-    for c, p in positions:
-        row, docs = contexts.tokens[c], contexts.doc_ids[c]
-        lo, hi = max(0, p - before), min(len(row), p + after + 1)
-        keep = docs[lo:hi] == docs[p]
-        yield row[lo:hi][keep]

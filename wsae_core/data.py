@@ -150,7 +150,7 @@ def superpose(x: torch.Tensor | np.ndarray, W_p: torch.Tensor | np.ndarray) -> t
 SuperpositionKind = Literal["random", "polygons", "toy_model"]
 SUPERPOSITION_KINDS: tuple[str, ...] = ("random", "polygons", "toy_model")
 #: The book's default for the n = 200, n_p = 20 experiments (see :func:`synthetic_superposition`).
-DEFAULT_SUPERPOSITION: SuperpositionKind = "random"
+DEFAULT_SUPERPOSITION: SuperpositionKind = "polygons"
 
 
 def polygon_layout(n: int, n_p: int, n_mono: int | None = None, n_digons: int | None = None) -> list[int]:
@@ -246,11 +246,12 @@ def synthetic_superposition(
 ) -> np.ndarray:
     """The W_p ``(n_p, n)`` of the synthetic WSAE experiment, unit-norm columns.
 
-    * ``"random"`` (the book's default): columns uniform on the sphere. The paper does not say how
-      its W_p was made; random directions assume no structure, and every dimension carries about
-      ``n / n_p`` features.
-    * ``"polygons"``: :func:`polygon_layout` blocks (monosemantic dims, digons, crowded polygons),
-      the geometry of Theorems 1-2 pushed to n = 10 n_p; columns are permuted by ``seed``.
+    * ``"polygons"`` (the book's default): :func:`polygon_layout` blocks (monosemantic dimensions,
+      digons, crowded polygons), the geometry of Theorems 1-2 pushed to n = 10 n_p; columns are
+      permuted by ``seed``. The only one of the three whose dimensions differ in how many features
+      they carry, which is what the WSAE weights act on.
+    * ``"random"``: columns uniform on the sphere; every dimension carries about ``n / n_p``
+      features, so all weight rules stay close to uniform.
     * ``"toy_model"``: directions learned by Elhage et al.'s toy model (:func:`toy_model_superposition`).
 
     With n > 2 n_p all three have positive interference (see the note above this function).

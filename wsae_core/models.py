@@ -334,8 +334,15 @@ class PracticalSAE(nn.Module):
                 recon, fvu = _weighted_sq_error(x_p, rec, gamma)
                 sparse = lat.sum() * (cfg.l1_coeff / x_p.shape[0]) if cfg.l1_coeff else recon.new_zeros(())
             return ForwardOutput(lat, None, rec, recon + sparse, recon, sparse, fvu)
-        vals, idx = _TopKEncode.apply(x_p, self.W_enc, self._bias(), cfg.k)
-        rec = _TopKDecode.apply(idx, vals, self.W_dec) + self.b_dec
+        if torch.is_autocast_enabled(x_p.device.type):
+            # Mixed precision (bf16 on CUDA): plain autograd, the GEMMs in low precision.
+            pre = F.linear(x_p, self.W_enc, self._bias())
+            vals, idx = pre.topk(cfg.k, dim=1, sorted=False)
+            vals = vals.relu()
+            rec = F.linear(torch.zeros_like(pre).scatter(1, idx, vals), self.W_dec.T, self.b_dec)
+        else:
+            vals, idx = _TopKEncode.apply(x_p, self.W_enc, self._bias(), cfg.k)
+            rec = _TopKDecode.apply(idx, vals, self.W_dec) + self.b_dec
         recon, fvu = _weighted_sq_error(x_p, rec, gamma)
         return ForwardOutput(vals, idx, rec, recon, recon, recon.new_zeros(()), fvu)
 

@@ -206,15 +206,16 @@ def _cache_stats(client: I.ChatClient) -> dict:
 
 def calibration_summary(results: dict) -> dict[str, dict[str, float]]:
     """Mean of each score over the latents of each kind: ``{kind: {"detection", "detection_auc",
-    "fuzzing", "fuzzing_auc", "score", "n"}}``."""
+    "fuzzing", "fuzzing_auc", "score", "score_auc", "n"}}``."""
     out = {}
     for kind in KINDS:
         rows = [r for r in results["records"] if r["kind"] == kind]
         if not rows:
             continue
         summ = {}
-        for k in ("detection", "detection_auc", "fuzzing", "fuzzing_auc", "score"):
-            vals = [r[k] for r in rows if r[k] is not None and not (isinstance(r[k], float) and np.isnan(r[k]))]
+        for k in ("detection", "detection_auc", "fuzzing", "fuzzing_auc", "score", "score_auc"):
+            vals = [_metric(r, k) for r in rows]
+            vals = [v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
             summ[k] = float(np.mean(vals)) if vals else float("nan")
         summ["n"] = len(rows)
         out[kind] = summ
@@ -232,6 +233,8 @@ class SweepSpec:
     """Latents drawn at random (seeded) per SAE among those active in enough documents."""
     layers: tuple[int, ...] | None = None
     """Layers of the sweep to score (None: all); the sweep itself (and its activation cache) is unchanged."""
+    methods: tuple[str, ...] = ("SAE", "WSAE α=0.5", "WSAE α=1")
+    """The sweep's SAEs to score (Table 1's rows)."""
     seed: int = 0
     selection: dict = field(default_factory=dict)
     """Overrides of :class:`wsae_core.interp.SelectionConfig`."""
@@ -256,16 +259,16 @@ def _sae_dir(lm_spec, layer: int, method: str) -> Path:
 
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = method.replace(" ", "_").replace("α=", "alpha")
-    return _cache_root() / "saes" / digest / f"layer_{layer}" / slug
+    return _cache_root() / "saes" / f"interp-{digest}" / f"layer_{layer}" / slug
 
 
-def _sweep_saes(lm_spec, verbose: bool, only_layers=None):
-    """Train (or reload) the sweep's SAEs with the recipe of :func:`wsae_core.experiments.lm.run_lm`
-    and yield ``(layer, method, sae, scale, lm, cache, train_ctx)``.
+def _sweep_saes(lm_spec, verbose: bool, only_layers=None, methods=None):
+    """The sweep's SAEs: ``(layer, method, sae, scale, x_train, lm, cache, train_ctx, source)`` for each.
 
-    The layer-sweep runner does not save its SAEs, so they are trained again here from the same
-    spec (same cache, initialisation, data order and Γ) and saved under
-    ``<cache root>/saes/<spec hash>/``, where a later run reloads them.
+    Prefers the SAEs saved by :func:`wsae_core.experiments.lm.run_lm` (``<cache root>/saes/<activation
+    cache id>/layer_L/<method>``, ``source="lm-sweep"``) when their size matches the spec; otherwise
+    trains them with the same recipe (same cache, initialisation, data order and Γ) and saves them
+    under ``<cache root>/saes/interp-<spec hash>/`` (``source="retrained"``).
     """
     import torch
 
@@ -292,11 +295,19 @@ def _sweep_saes(lm_spec, verbose: bool, only_layers=None):
         x_train = cache.activations(layer, lm_spec.skip_first, train_ctx)
         scale = A.norm_scale(x_train)
         x_train = x_train / scale
-        for method in lm_spec.methods:
+        for method in methods or lm_spec.methods:
+            if method not in alphas or alphas[method] is None:
+                raise ValueError(f"methods must be trained methods of the sweep {[m for m, a in METHODS if a is not None]}, got {method!r}")
+            theirs = root / "saes" / cache.folder.name / f"layer_{layer}" / method.replace(" ", "_").replace("=", "")
             folder = _sae_dir(lm_spec, layer, method)
-            if (folder / "model.safetensors").is_file():
-                sae = load_sae(folder)
-            else:
+            source = "lm-sweep"
+            sae = load_sae(theirs) if (theirs / "model.safetensors").is_file() else None
+            if sae is not None and (sae.cfg.n_m != lm_spec.expansion * lm.d_model or sae.cfg.k != lm_spec.k):
+                sae = None  # saved by a run with other settings
+            if sae is None and (folder / "model.safetensors").is_file():
+                sae, source = load_sae(folder), "retrained"
+            if sae is None:
+                source = "retrained"
                 alpha = alphas[method]
                 gamma = None if alpha == 0 else variance_gamma(x_train, alpha)
                 d = lm.d_model
@@ -307,7 +318,7 @@ def _sweep_saes(lm_spec, verbose: bool, only_layers=None):
                                   log_every=lm_spec.steps, progress=False, device=lm_spec.device)
                 Trainer(sae, src, cfg, gamma=gamma).fit()
                 save_sae(sae, folder, extra={"layer": layer, "method": method, "scale": scale})
-            yield layer, method, sae.eval(), scale, x_train, lm, cache, train_ctx
+            yield layer, method, sae.eval(), scale, x_train, lm, cache, train_ctx, source
 
 
 def _dense_acts(idx: np.ndarray, val: np.ndarray, latent: int, shape: tuple[int, int], skip_first: int) -> np.ndarray:
@@ -321,11 +332,17 @@ def _dense_acts(idx: np.ndarray, val: np.ndarray, latent: int, shape: tuple[int,
 
 
 def run_sweep(client: I.ChatClient | None = None, spec: SweepSpec | None = None, profile: Profile | None = None,
-              *, verbose: bool = False) -> dict:
+              *, verbose: bool = False, on_record: Any = None) -> dict:
     """Score ``spec.latents_per_sae`` sampled latents of every SAE of the layer sweep of ``profile``.
 
+    Latents are drawn from a seeded permutation of each SAE's eligible latents (those firing in at
+    least ``n_activating_needed`` documents), and scored round-robin: first one latent of every SAE,
+    then a second one, ... so that a run stopped early still fills every cell of the table.
+    ``on_record(results_so_far)`` is called after each latent (the CLI saves a partial file).
+
     Returns ``{"spec", "lm_spec", "client", "records", "seconds", "cache"}``, one record per scored
-    latent (layer, method, latent, n_activating, explanation, detection, fuzzing, AUCs, score).
+    latent (layer, method, latent, n_activating, explanation, detection, fuzzing, AUCs, score) and
+    one ``kind="meta"`` record per SAE (eligible latents).
     """
     import torch
 
@@ -342,42 +359,57 @@ def run_sweep(client: I.ChatClient | None = None, spec: SweepSpec | None = None,
     records: list[dict] = []
     vocab = None
     say = print if verbose else (lambda *a, **k: None)
-    for layer, method, sae, scale, x_train, lm, cache, train_ctx in _sweep_saes(lm_spec, verbose, spec.layers):
+    saes = []
+    for layer, method, sae, scale, x_train, lm, cache, train_ctx, source in _sweep_saes(lm_spec, verbose, spec.layers, spec.methods):
         if vocab is None:
             vocab = I.token_strings(lm.tokenizer)
         idx, val = _codes(sae, x_train, torch.device(lm_spec.device))
         tokens = cache.tokens[train_ctx]
         docs = cache.doc_ids[train_ctx]
-        shape = tokens.shape
-        # Latents active in enough documents; a seeded sample of them.
-        active = val > 0
-        lat_docs = {}
         row_doc = docs[:, lm_spec.skip_first:].reshape(-1)
-        for j in np.unique(idx[active]):
-            lat_docs[int(j)] = len(np.unique(row_doc[np.nonzero((idx == j) & active)[0]]))
-        eligible = sorted(j for j, n in lat_docs.items() if n >= cfg.n_activating_needed)
-        rng = np.random.default_rng([spec.seed, layer])
-        chosen = sorted(rng.choice(eligible, size=min(spec.latents_per_sae, len(eligible)), replace=False).tolist())
-        for j in chosen:
-            t = time.perf_counter()
-            acts = _dense_acts(idx, val, j, shape, lm_spec.skip_first)
-            try:
-                ex = I.select_examples(tokens, acts, doc_ids=docs, config=cfg, latent=int(j))
-            except I.NotEnoughExamples:
-                continue
-            s = I.score_latent(client, ex, vocab, seed=cfg.seed)
-            rec = _record(str(j), "sae", s) | {"layer": layer, "method": method, "latent": int(j),
-                                                "n_activating": ex.n_activating,
-                                                "seconds": round(time.perf_counter() - t, 2)}
-            records.append(rec)
-            say(f"layer {layer:2d} {method:11s} latent {j:5d} ({ex.n_activating:3d} docs) "
-                f"{s.explanation[:40]!r:44s} det {rec['detection']:.2f} fuzz "
-                f"{rec['fuzzing'] if rec['fuzzing'] is not None else float('nan'):.2f} [{rec['seconds']:.1f} s]")
-        say(f"layer {layer} {method}: {len(eligible)} of {sae.cfg.n_m} latents eligible")
-        records_meta = {"layer": layer, "method": method, "n_eligible": len(eligible), "n_latents": sae.cfg.n_m}
-        records.append({"kind": "meta", **records_meta})
-    return {"spec": asdict(spec), "lm_spec": asdict(lm_spec), "selection": asdict(cfg), "client": client.identity,
-            "records": records, "seconds": round(time.perf_counter() - t0, 1), "cache": _cache_stats(client)}
+        rows, slots = np.nonzero(val > 0)
+        pairs = np.unique(idx[rows, slots].astype(np.int64) * (int(row_doc.max()) + 1) + row_doc[rows])
+        n_docs = np.bincount(pairs // (int(row_doc.max()) + 1), minlength=sae.cfg.n_m)
+        eligible = np.flatnonzero(n_docs >= cfg.n_activating_needed)
+        order = np.random.default_rng([spec.seed, layer]).permutation(eligible).tolist()
+        saes.append({"layer": layer, "method": method, "idx": idx, "val": val, "tokens": tokens, "docs": docs, "order": order})
+        records.append({"kind": "meta", "layer": layer, "method": method, "n_eligible": int(eligible.size),
+                        "n_latents": sae.cfg.n_m, "sae_source": source})
+        say(f"layer {layer} {method} ({source}): {eligible.size} of {sae.cfg.n_m} latents eligible")
+    result = {"spec": asdict(spec), "lm_spec": asdict(lm_spec), "selection": asdict(cfg), "client": client.identity,
+              "records": records}
+    for _ in range(spec.latents_per_sae):
+        for s in saes:
+            while s["order"]:
+                j = int(s["order"].pop(0))
+                t = time.perf_counter()
+                acts = _dense_acts(s["idx"], s["val"], j, s["tokens"].shape, lm_spec.skip_first)
+                try:
+                    ex = I.select_examples(s["tokens"], acts, doc_ids=s["docs"], config=cfg, latent=j)
+                except I.NotEnoughExamples:
+                    continue
+                sc = I.score_latent(client, ex, vocab, seed=cfg.seed)
+                rec = _record(str(j), "sae", sc) | {"layer": s["layer"], "method": s["method"], "latent": j,
+                                                     "n_activating": ex.n_activating,
+                                                     "seconds": round(time.perf_counter() - t, 2)}
+                records.append(rec)
+                say(f"layer {s['layer']:2d} {s['method']:11s} latent {j:5d} ({ex.n_activating:3d} docs) "
+                    f"{sc.explanation[:40]!r:44s} det {rec['detection']:.2f} fuzz "
+                    f"{rec['fuzzing'] if rec['fuzzing'] is not None else float('nan'):.2f} [{rec['seconds']:.1f} s]")
+                if on_record is not None:
+                    on_record(result | {"seconds": round(time.perf_counter() - t0, 1), "partial": True})
+                break
+    return result | {"seconds": round(time.perf_counter() - t0, 1), "cache": _cache_stats(client)}
+
+
+def _metric(r: dict, metric: str) -> float | None:
+    """A record's ``metric``; ``"score_auc"`` = mean of the detection and fuzzing AUCs (the
+    threshold-free counterpart of ``"score"``, which averages balanced accuracies)."""
+    if metric == "score_auc":
+        vals = [r.get(k) for k in ("detection_auc", "fuzzing_auc")]
+        vals = [v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
+        return float(np.mean(vals)) if vals else None
+    return r.get(metric)
 
 
 def sweep_table(results: dict, metric: str = "score") -> dict[str, list]:
@@ -390,7 +422,8 @@ def sweep_table(results: dict, metric: str = "score") -> dict[str, list]:
     for m in methods:
         row = []
         for l in layers:
-            vals = [r[metric] for r in recs if r["method"] == m and r["layer"] == l and r[metric] is not None]
+            vals = [_metric(r, metric) for r in recs if r["method"] == m and r["layer"] == l]
+            vals = [v for v in vals if v is not None]
             row.append(round(100 * float(np.mean(vals)), 1) if vals else None)
         out[m] = row
     return out
@@ -454,12 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.out) / "interp_calibration.json" if args.out else results_path("calibration", profile).with_name("interp_calibration.json")
         print(f"wrote {_save(res, path)} ({res['seconds']} s, cache {res['cache']})")
     if args.what in ("sweep", "all"):
-        res = run_sweep(client, sweep_spec_for(profile), profile, verbose=True)
+        path = Path(args.out) / f"interp_sweep_{profile}.json" if args.out else results_path("sweep", profile)
+        partial = path.with_name(path.stem + ".partial.json")
+        res = run_sweep(client, sweep_spec_for(profile), profile, verbose=True, on_record=lambda r: _save(r, partial))
+        partial.unlink(missing_ok=True)
         tab = sweep_table(res)
         print("layer      " + " ".join(f"{l:>6d}" for l in tab["layers"]))
         for m in [k for k in tab if k != "layers"]:
             print(f"{m:10s} " + " ".join(f"{v:6.1f}" if v is not None else "     -" for v in tab[m]))
-        path = Path(args.out) / f"interp_sweep_{profile}.json" if args.out else results_path("sweep", profile)
         print(f"wrote {_save(res, path)} ({res['seconds']} s, cache {res['cache']})")
     return 0
 

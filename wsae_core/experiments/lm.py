@@ -28,9 +28,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,15 @@ import numpy as np
 
 from ..profile import Profile, current_profile, pick
 
-__all__ = ["METHODS", "METRICS", "LMSpec", "spec_for", "run_lm", "load_or_run", "results_path", "table",
-           "markdown_table", "paper_markdown_table", "describe", "paired_summary", "PAPER_TABLE1", "save_results", "main"]
+__all__ = ["METHODS", "CONTROL", "METRICS", "variance_diagnostics", "LMSpec", "spec_for", "run_lm", "load_or_run", "results_path", "table",
+           "markdown_table", "paper_markdown_table", "describe", "layers_markdown", "paired_summary", "PAPER_TABLE1", "save_results", "main"]
 
-#: (label, alpha): α = 0 is the plain Top-k SAE (uniform Γ).
-METHODS: tuple[tuple[str, float], ...] = (("SAE", 0.0), ("WSAE α=0.5", 0.5), ("WSAE α=1", 1.0))
+#: (label, alpha): α = 0 is the plain Top-k SAE (uniform Γ); α = None is a control that is not
+#: trained at all (the random initialisation), to show what the proxies give for a dictionary that
+#: has learned nothing.
+CONTROL = "untrained SAE (control)"
+METHODS: tuple[tuple[str, float | None], ...] = (
+    ("SAE", 0.0), ("WSAE α=0.5", 0.5), ("WSAE α=1", 1.0), (CONTROL, None))
 
 #: The paper's Table 1 (Pythia-160M, LLM auto-interpretability score in %, layers 0-11; from the
 #: poster, the α = 1 value of layer 7 reconstructed from its printed gain, see paper/NOTES.md).
@@ -141,11 +144,11 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> LMSpec:
         n_splice_contexts=pick(ci=4, book=8, paper=64, profile=profile),
         expansion=pick(ci=4, book=4, paper=32, profile=profile),
         k=pick(ci=8, book=32, paper=32, profile=profile),
-        steps=pick(ci=60, book=128, paper=2000, profile=profile),
+        steps=pick(ci=30, book=128, paper=2000, profile=profile),
         batch_size=pick(ci=256, book=512, paper=4096, profile=profile),
         lr=pick(ci=3e-3, book=4e-3, paper=5e-4, profile=profile),
-        coherence_latents=pick(ci=16, book=128, paper=512, profile=profile),
-        coherence_random=pick(ci=16, book=64, paper=128, profile=profile),
+        coherence_latents=pick(ci=8, book=128, paper=512, profile=profile),
+        coherence_random=pick(ci=8, book=64, paper=128, profile=profile),
         cache_dtype=pick(ci="float32", book="float32", paper="float16", profile=profile),
         device=pick(ci="cpu", book="cpu", paper="cuda", profile=profile),
         lm_batch_size=pick(ci=16, book=16, paper=32, profile=profile),
@@ -197,6 +200,55 @@ def _codes(sae, x, device, batch: int = 4096):
             idx.append(out.latent_indices.cpu().numpy())
             val.append(out.latents.float().cpu().numpy())
     return np.concatenate(idx), np.concatenate(val)
+
+
+def _load_trained(folder: Path, train_key: dict):
+    """``(sae, train_seconds)`` saved in ``folder`` under the same ``train_key``, else ``(None, 0)``."""
+    from ..train import load_sae
+
+    cfg_path = folder / "cfg.json"
+    if not cfg_path.is_file():
+        return None, 0.0
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("train_key") != json.loads(json.dumps(train_key)):
+        return None, 0.0
+    return load_sae(folder), float(meta.get("train_seconds", 0.0))
+
+
+def variance_diagnostics(x, q: float = 0.001) -> dict[str, float]:
+    """How concentrated a layer's per-dimension variance is, and what the variance rule makes of it.
+
+    ``x`` ``(n, d)`` activations. Returns the top dimension, its variance over the median variance,
+    the share of its variance contributed by its ``q`` most extreme tokens, and the effective
+    number of weighted dimensions ``(sum γ²)² / sum γ⁴`` of the variance rule at α = 0.5 and 1,
+    from the plain variance and from the variance after clipping every dimension to its
+    ``[q, 1 - q]`` quantiles (winsorising: is the concentration due to a few extreme tokens?).
+    """
+    import torch
+
+    from ..weights import normalise_gamma
+
+    x = torch.as_tensor(x).double()
+    var = x.var(0)
+    top = int(var.argmax())
+    col = x[:, top]
+    dev = (col - col.mean()).pow(2)
+    n_extreme = max(1, int(round(q * col.numel())))
+    sub = x[:: max(1, x.shape[0] // 20_000)]
+    lo, hi = torch.quantile(sub, q, dim=0), torch.quantile(sub, 1 - q, dim=0)
+    wvar = torch.minimum(torch.maximum(x, lo), hi).var(0)
+
+    def eff(v, a):
+        g = normalise_gamma(v.pow(a).clamp_min(1e-30)).double()
+        return float(g.pow(2).sum() ** 2 / g.pow(4).sum())
+
+    return {
+        "top_dim": top,
+        "top_var_over_median": float(var[top] / var.median()),
+        "top_dim_extreme_token_share": float(dev.topk(n_extreme).values.sum() / dev.sum()),
+        "eff_dims_alpha_0.5": eff(var, 0.5), "eff_dims_alpha_1": eff(var, 1.0),
+        "eff_dims_winsorised_alpha_0.5": eff(wvar, 0.5), "eff_dims_winsorised_alpha_1": eff(wvar, 1.0),
+    }
 
 
 def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, verbose: bool = True) -> dict:
@@ -273,6 +325,7 @@ def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, 
     alphas = dict(METHODS)
     dev = torch.device(spec.device)
     records: list[dict] = []
+    layer_info: list[dict] = []
     splice_fns: dict[int, dict[str, Any]] = {}
     timings["train"] = timings["evaluate"] = timings["proxies"] = 0.0
     for layer in layers:
@@ -281,24 +334,34 @@ def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, 
         x_train = x_train / scale
         x_eval = cache.activations(layer, spec.skip_first, eval_ctx) / scale
         var = x_train.var(0)
+        layer_info.append({"layer": layer, "scale": scale, **variance_diagnostics(x_train)})
         splice_fns[layer] = {}
         for method in spec.methods:
             alpha = alphas[method]
-            gamma = None if alpha == 0 else variance_gamma(x_train, alpha)
+            gamma = None if not alpha else variance_gamma(x_train, alpha)
             d = lm.d_model
-            sae = build_sae(SAEConfig(n_p=d, n_m=spec.expansion * d, kind="topk", k=spec.k, seed=spec.seed))
-            src = A.CacheSource(cache, layer, skip_first=spec.skip_first, scale=scale, contexts=train_ctx)
+            sae_cfg = SAEConfig(n_p=d, n_m=spec.expansion * d, kind="topk", k=spec.k, seed=spec.seed)
             cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                               warmup_steps=max(1, spec.steps // 10), seed=spec.seed, log_every=spec.steps,
                               progress=False, device=spec.device)
-            t = time.perf_counter()
-            Trainer(sae, src, cfg, gamma=gamma).fit()
-            train_s = time.perf_counter() - t
-            timings["train"] += train_s
-            sae = sae.eval()
+            # Everything that determines the trained weights: a saved SAE with the same key is reused.
+            train_key = {"version": 1, "sae": sae_cfg.to_dict(), "train": asdict(cfg), "alpha": alpha,
+                         "cache": cache.folder.name, "skip_first": spec.skip_first,
+                         "train_contexts": [train_ctx.start, train_ctx.stop]}
             sae_dir = root / "saes" / cache.folder.name / f"layer_{layer}" / method.replace(" ", "_").replace("=", "")
-            save_sae(sae, sae_dir, extra={"scale": scale, "alpha": alpha, "layer": layer, "model": lm.name,
-                                          "gamma": None if gamma is None else gamma.tolist()})
+            t = time.perf_counter()
+            sae, train_s = _load_trained(sae_dir, train_key)
+            if sae is None:
+                sae = build_sae(sae_cfg)
+                if alpha is not None:
+                    src = A.CacheSource(cache, layer, skip_first=spec.skip_first, scale=scale, contexts=train_ctx)
+                    Trainer(sae, src, cfg, gamma=gamma).fit()
+                train_s = time.perf_counter() - t
+                save_sae(sae, sae_dir, extra={"train_key": train_key, "train_seconds": train_s, "scale": scale,
+                                              "layer": layer, "model": lm.name,
+                                              "gamma": None if gamma is None else gamma.tolist()})
+            timings["train"] += time.perf_counter() - t
+            sae = sae.to(dev).eval()
 
             t = time.perf_counter()
             with torch.no_grad():
@@ -361,6 +424,7 @@ def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, 
         | {"n_tokens": cache.n_tokens, "read_tokens_per_second": round(cache.read_speed(layers[0]), 1),
            "folder": str(cache.folder)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
+        "layers": layer_info,
         "records": records,
     }
 
@@ -471,6 +535,18 @@ def describe(results: dict) -> str:
     return (f"{model}; {corpus}; {n_train:,} training tokens per layer ({spec['n_train_contexts']} contexts of "
             f"{spec['context_len']}); Top-k SAE k = {spec['k']}, {spec['expansion']}x expansion, "
             f"{spec['steps']} steps of {spec['batch_size']} tokens")
+
+
+def layers_markdown(results: dict) -> str:
+    """The per-layer variance diagnostics (:func:`variance_diagnostics`) as a markdown table."""
+    head = ("| layer | top dim | its variance / median variance | share of it from its 0.1 % most extreme tokens "
+            "| eff. dims α=0.5 | eff. dims α=1 | winsorised α=0.5 | winsorised α=1 |")
+    lines = [head, "|---" * 8 + "|"]
+    for r in results["layers"]:
+        lines.append(f"| {r['layer']} | {r['top_dim']} | {r['top_var_over_median']:,.0f} | "
+                     f"{r['top_dim_extreme_token_share']:.3f} | {r['eff_dims_alpha_0.5']:.1f} | {r['eff_dims_alpha_1']:.1f} | "
+                     f"{r['eff_dims_winsorised_alpha_0.5']:.1f} | {r['eff_dims_winsorised_alpha_1']:.1f} |")
+    return "\n".join(lines)
 
 
 def paper_markdown_table() -> str:

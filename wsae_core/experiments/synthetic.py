@@ -5,7 +5,8 @@ seed and every model (theory SAE, Top-k practical SAE) train the plain SAE and W
 from the variance rule (α = 0.5, 1) or the oracle rule, then measure recovery on held-out data.
 
 Choices the paper leaves open (documented in the chapter): W_p = :data:`~wsae_core.data.DEFAULT_SUPERPOSITION`
-(random unit columns) fixed across seeds (seed 0); Adam, lr 3e-2, batch 512, 800 steps (book profile),
+(polygon blocks: 4 monosemantic dimensions, 2 digons, 7 planes of 27-28 features) fixed across
+seeds (seed 0); Adam, lr 3e-2, batch 512, 800 steps (book profile),
 50 warm-up steps, cosine decay to 0.1 lr; Top-k with ``k = max(1, round(n (1 - S)))`` (the expected number of active features);
 the variance rule uses the variance of 8,192 samples of x_p drawn at the same S. Within a seed
 all methods share the initialisation and the data stream (paired comparison).
@@ -50,7 +51,7 @@ class SyntheticSpec:
     """Dimensions of x_p."""
     n_m: int = 200
     """SAE latents."""
-    superposition: str = "random"
+    superposition: str = "polygons"
     """How W_p is made (:func:`wsae_core.data.synthetic_superposition`)."""
     W_p_seed: int = 0
     """Seed of W_p (the same W_p for every training seed)."""
@@ -60,6 +61,8 @@ class SyntheticSpec:
     """Samples per step."""
     lr: float = 3e-2
     """Peak Adam learning rate."""
+    workers: int | None = None
+    """Worker processes (None = one per core, at most 4; 1 = in this process, best for tiny runs)."""
     eval_samples: int = 8192
     """Held-out samples for the metrics (and for the variance rule)."""
 
@@ -83,6 +86,7 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> SyntheticSpec:
         steps=pick(ci=20, book=800, paper=10_000, profile=profile),
         batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
         eval_samples=pick(ci=1024, book=8192, paper=65_536, profile=profile),
+        workers=pick(ci=1, book=None, profile=profile),
     )
     return replace(spec, **overrides)
 
@@ -148,7 +152,7 @@ def run_synthetic(spec: SyntheticSpec | None = None, workers: int | None = None)
              for m in spec.models for S in spec.S_grid for s in spec.seeds for meth in spec.methods]
     # Longest runs first (dense data, large k) so that the workers finish together.
     order = sorted(range(len(tasks)), key=lambda i: (tasks[i]["S"], tasks[i]["model"] != "topk"))
-    results = run_tasks(_run_task, [tasks[i] for i in order], workers)
+    results = run_tasks(_run_task, [tasks[i] for i in order], spec.workers if workers is None else workers)
     back = [None] * len(tasks)
     for i, r in zip(order, results):
         back[i] = r

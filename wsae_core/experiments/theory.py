@@ -63,6 +63,8 @@ class TheorySpec:
     """Samples per step."""
     lr: float = 2e-2
     """Peak Adam learning rate."""
+    workers: int | None = None
+    """Worker processes (None = one per core, at most 4; 1 = in this process, best for tiny runs)."""
     eval_samples: int = 8192
     """Held-out samples for the metrics."""
 
@@ -76,6 +78,7 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> TheorySpec:
         steps=pick(ci=30, book=1500, paper=10_000, profile=profile),
         batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
         eval_samples=pick(ci=1024, book=8192, paper=65_536, profile=profile),
+        workers=pick(ci=1, book=None, profile=profile),
     )
     return replace(spec, **overrides)
 
@@ -152,7 +155,7 @@ def run_theory(spec: TheorySpec | None = None, workers: int | None = None) -> li
             for S in (spec.S_grid if ratio == 1 else spec.S_grid[-1:]):
                 for s in spec.seeds:
                     tasks.append({"spec": asdict(spec), "config": c, "ratio": ratio, "S": S, "seed": s})
-    return run_tasks(_run_task, tasks, workers)
+    return run_tasks(_run_task, tasks, spec.workers if workers is None else workers)
 
 
 def summary_table(records: list[dict], tol: float = 0.05) -> str:
