@@ -67,3 +67,10 @@ def test_playground_builds_its_controls():
     ui = widgets.playground(n_mc=200)
     descriptions = [c.description for c in ui.children[0].children[0].children]
     assert descriptions == ["geometry", "sparsity S", "WSAE α", "free angle θ (°)", "sample seed"]
+
+
+def test_train_pair_trains_both_losses_from_one_start():
+    res = widgets.train_pair("triangle", S=0.5, alpha=1.0, steps=60, n_eval=2_000)
+    assert list(res) == ["SAE", "WSAE α=1"]
+    for m in res.values():
+        assert 0 < m["l_gt"] < 1 and 0 <= m["mean_cosine"] <= 1

@@ -454,6 +454,11 @@ def load_or_run_sweep(profile: Profile | None = None, *, client: I.ChatClient | 
     if not rerun and profile != "ci" and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("spec") == json.loads(json.dumps(asdict(spec))) and saved.get("client") == ident:
+            from .lm import spec_for
+
+            now = json.loads(json.dumps(asdict(spec_for(profile, **spec.lm_overrides))))
+            # The layer sweep's settings may have moved on since these scores were made: say which.
+            saved["lm_spec_changed"] = sorted(k for k in now if saved.get("lm_spec", {}).get(k) != now[k])
             return saved
     if not run_if_missing:
         raise FileNotFoundError(f"no saved sweep scores for profile {profile!r} and client {ident!r} at {path}; "
@@ -543,6 +548,6 @@ def table1_markdown(sweep: dict, metric: str = "score") -> tuple[str, str]:
         rows.append([f"ours: {m}", *vals])
     head = ["", *[f"layer {l}" for l in layers]]
     ours = _md(head, rows)
-    paper_rows = [[f"paper: {m}", *v, round(float(np.mean(v)), 1)] for m, v in PAPER_TABLE1.items()]
+    paper_rows = [[f"paper: {m}", *[f"{x:.1f}" for x in v], f"{np.mean(v):.1f}"] for m, v in PAPER_TABLE1.items()]
     paper = _md(["", *[f"layer {l}" for l in range(12)], "mean"], paper_rows)
     return ours, paper
