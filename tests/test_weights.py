@@ -13,7 +13,7 @@ def test_uniform_is_ones():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 def test_variance_rule_normalised(alpha):
-    x_p = torch.randn(5000, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+    x_p = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0, 4.0])
     g = weights.variance_gamma(x_p, alpha)
     assert g.shape == (4,)
     assert torch.isclose(g.pow(2).mean(), torch.tensor(1.0), atol=1e-5)
@@ -21,7 +21,7 @@ def test_variance_rule_normalised(alpha):
         assert torch.allclose(g, torch.ones(4))
     else:
         # gamma_i proportional to var_i^alpha: ratio of dims 4 and 1 is 16^alpha
-        assert abs((g[3] / g[0]).item() - 16 ** alpha) / 16 ** alpha < 0.1
+        assert abs((g[3] / g[0]).item() - 16 ** alpha) / 16 ** alpha < 0.05 * alpha
 
 
 def test_oracle_rule_matches_geometry():

@@ -6,6 +6,10 @@ The modules each own one idea and import only the ideas listed before them:
 ``geometry``  superposition matrices W_p, interference, the Theorem 1 closed form, recovery, "~"
 ``symbolic``  exact algebra with SymPy: gap matrices, identities, exact expectations
 ``data``      sparse ground truth x and its superposition x_p = W_p x
+``models``    theory SAE and practical SAE (ReLU + L1, Top-k) with one forward NamedTuple
+``weights``   WSAE weights Γ (uniform, variance^α, oracle) and the WSAE loss
+``metrics``   matching latents to features, L_GT, shrinkage, vanishing, FVU, L0, dead / dense latents
+``train``     one Trainer.fit: config dataclass, checkpoints with exact resume, safetensors + cfg.json
 ``corpus``    text for language models (Wikipedia leads with topics, Shakespeare, files, HF) -> contexts
 ``lm``        causal LMs: loading, residual-stream hooks, splicing an SAE in (CE recovered, KL)
 ``activations`` on-disk activation cache: sharded, resumable, reused, shuffled reads

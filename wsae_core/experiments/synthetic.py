@@ -15,6 +15,7 @@ all methods share the initialisation and the data stream (paired comparison).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -96,18 +97,38 @@ def topk_k(n: int, S: float, n_m: int) -> int:
     return int(min(n_m, max(1, round(n * (1 - S)))))
 
 
-def gammas_for(W_p: np.ndarray, S: float, seed: int, n_samples: int = 8192) -> dict[str, np.ndarray]:
-    """γ of every method ``(n_p,)`` for this W_p and S (variance from ``n_samples`` samples of x_p)."""
+def gammas_for(W_p: np.ndarray, S: float, seed: int, n_samples: int = 8192,
+               methods: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """γ of every method ``(n_p,)`` for this W_p and S (variance from ``n_samples`` samples of x_p,
+    drawn with seed ``10_000 + seed``). ``methods`` restricts the labels computed."""
     import torch
 
     from ..data import SparseSource
     from ..weights import make_gamma
 
-    src = SparseSource(W_p, S)
-    _, x_p = src.sample_pair(n_samples, torch.Generator().manual_seed(10_000 + seed))
+    wanted = [m for m in METHODS if methods is None or m[0] in methods]
+    x_p = None
+    if any(rule == "variance" for _, rule, _ in wanted):
+        _, x_p = SparseSource(W_p, S).sample_pair(n_samples, torch.Generator().manual_seed(10_000 + seed))
     n_p = W_p.shape[0]
-    return {label: make_gamma(rule, n_p=n_p, alpha=alpha, x_p=x_p, W_p=W_p).numpy()
-            for label, rule, alpha in METHODS}
+    out = {}
+    for label, rule, alpha in wanted:
+        if rule == "oracle":
+            out[label] = _oracle_gamma(np.ascontiguousarray(W_p, dtype=np.float64).tobytes(), W_p.shape)
+        else:
+            out[label] = make_gamma(rule, n_p=n_p, alpha=alpha, x_p=x_p).numpy()
+    return out
+
+
+@lru_cache(maxsize=8)
+def _oracle_gamma(W_bytes: bytes, shape: tuple[int, int]) -> np.ndarray:
+    # The oracle rule solves an (n^2 x n_p) NNLS: 2-3 s for n = 200, so once per W_p, not per run.
+    from ..weights import oracle_gamma
+
+    W = np.frombuffer(W_bytes, dtype=np.float64).reshape(shape)
+    g = oracle_gamma(W).numpy()
+    g.setflags(write=False)
+    return g
 
 
 def _run_task(task: dict) -> dict:
@@ -122,7 +143,8 @@ def _run_task(task: dict) -> dict:
     spec = SyntheticSpec(**task["spec"])
     W_p = np.asarray(task["W_p"])
     S, seed, model, method = task["S"], task["seed"], task["model"], task["method"]
-    gamma = gammas_for(W_p, S, seed, spec.eval_samples)[method]
+    gamma = (np.asarray(task["oracle"]) if method == "WSAE oracle" and task.get("oracle") is not None
+             else gammas_for(W_p, S, seed, spec.eval_samples, methods=(method,))[method])
     k = topk_k(spec.n, S, spec.n_m) if model == "topk" else None
     sae = build_sae(SAEConfig(n_p=spec.n_p, n_m=spec.n_m, kind=model, k=k, seed=seed))
     src = SparseSource(W_p, S)
@@ -148,7 +170,8 @@ def run_synthetic(spec: SyntheticSpec | None = None, workers: int | None = None)
 
     spec = spec or spec_for()
     W_p = synthetic_superposition(spec.superposition, spec.n, spec.n_p, seed=spec.W_p_seed)
-    tasks = [{"spec": asdict(spec), "W_p": W_p.tolist(), "S": S, "seed": s, "model": m, "method": meth}
+    oracle = gammas_for(W_p, 0.0, 0, methods=("WSAE oracle",))["WSAE oracle"].tolist() if "WSAE oracle" in spec.methods else None
+    tasks = [{"spec": asdict(spec), "W_p": W_p.tolist(), "oracle": oracle, "S": S, "seed": s, "model": m, "method": meth}
              for m in spec.models for S in spec.S_grid for s in spec.seeds for meth in spec.methods]
     # Longest runs first (dense data, large k) so that the workers finish together.
     order = sorted(range(len(tasks)), key=lambda i: (tasks[i]["S"], tasks[i]["model"] != "topk"))
