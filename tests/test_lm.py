@@ -3,6 +3,7 @@ loading, hooks, one pass for all layers, splicing, corpus, the activation cache.
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +320,34 @@ def test_sweep_ci_end_to_end(tmp_path):
     assert X.paired_summary(res, "fvu")["WSAE α=1"]["layers"] == 1
     with pytest.raises(ValueError, match="methods must be among"):
         X.spec_for("ci", methods=("L1 SAE",))
+
+
+BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sweep_book.json"
+
+#: Golden numbers of the saved book run (SmolLM2-135M-Instruct, seed 0): (layer, method) -> metrics.
+EXPECTED_BOOK = {
+    (3, "SAE"): {"fvu": 0.141, "ce_recovered": 0.931, "topic_consistency": 0.319},
+    (15, "WSAE α=1"): {"fvu": 2.586, "ce_recovered": 0.454, "topic_consistency": 0.346},
+    (27, "WSAE α=0.5"): {"fvu": 0.804, "ce_recovered": 0.872, "topic_consistency": 0.352},
+}
+
+
+@pytest.mark.skipif(not BOOK_RESULTS.is_file(), reason="book/results/lm_sweep_book.json not present")
+def test_book_results_golden_and_claims():
+    """The committed book run matches the book profile's spec, its golden numbers and the chapter's claims."""
+    from dataclasses import asdict
+
+    from wsae_core.experiments import lm as X
+
+    res = json.loads(BOOK_RESULTS.read_text())
+    assert res["spec"] == json.loads(json.dumps(asdict(X.spec_for("book"))))
+    recs = {(r["layer"], r["method"]): r for r in res["records"]}
+    for key, metrics in EXPECTED_BOOK.items():
+        for m, v in metrics.items():
+            assert recs[key][m] == pytest.approx(v, abs=5e-4), (key, m)
+    fvu, tc = X.table(res, "fvu"), X.table(res, "topic_consistency")
+    for m in ("WSAE α=0.5", "WSAE α=1"):
+        assert all(w > s for w, s in zip(fvu[m], fvu["SAE"]))
+    chance = X.table(res, "topic_consistency_chance")["SAE"]
+    assert all(s > c > ch for s, c, ch in zip(tc["SAE"], tc[X.CONTROL], chance))
+    assert all(r["eff_dims_alpha_1"] < 2 for r in res["layers"])

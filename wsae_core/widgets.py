@@ -12,6 +12,7 @@ the encoder is Theorem 1's closed form ``W_m = W_pᵀ``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -215,7 +216,8 @@ def precomputed_explorer(names: Sequence[str], S_values: Sequence[float], alpha:
 
     frames = {f"{i}-{j}": _png(plot_exploration(explore(name, float(S), alpha, theta_deg, seed, n_mc)))
               for i, name in enumerate(names) for j, S in enumerate(S_values)}
-    uid = f"wsae-explorer-{abs(hash((tuple(names), tuple(S_values), alpha, seed))) % 10**8}"
+    # A stable id (Python's hash() of strings changes between processes).
+    uid = "wsae-explorer-" + hashlib.sha1(repr((list(names), list(S_values), alpha, seed, theta_deg)).encode()).hexdigest()[:10]
     options = "".join(f'<option value="{i}">{html.escape(n)}</option>' for i, n in enumerate(names))
     S_json = json.dumps([float(s) for s in S_values])
     return f"""
