@@ -14,7 +14,20 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["PALETTE", "use_book_style", "plot_superposition", "plot_vector_comparison", "plot_sparsity_sweep", "plot_seed_scatter", "plot_cosine_matrix"]
+__all__ = [
+    "PALETTE",
+    "use_book_style",
+    "plot_superposition",
+    "plot_vector_comparison",
+    "plot_losses_vs_sparsity",
+    "plot_exploration",
+    "plot_exact_vs_mc",
+    "plot_matrix",
+    "plot_layer_sweep",
+    "plot_sparsity_sweep",
+    "plot_seed_scatter",
+    "plot_cosine_matrix",
+]
 
 #: Okabe-Ito colours, in the order the book uses them.
 PALETTE = {
