@@ -43,6 +43,18 @@ PALETTE = {
 CYCLE = [PALETTE[k] for k in ("blue", "orange", "green", "vermillion", "sky", "purple", "yellow", "black")]
 
 
+def _finish_panel_grid(fig, axes, n_used: int, title: str | None, legend_space: float):
+    """Hide unused panels, put one shared legend under the grid, add the title."""
+    for ax in list(axes.flat)[n_used:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, legend_space, 1, 1))
+    return fig
+
+
 def use_book_style() -> None:
     """Apply the book's matplotlib style (call once at the top of a chapter)."""
     mpl.rcParams.update(
@@ -285,14 +297,7 @@ def plot_layer_sweep(records: Sequence[dict], metrics: Sequence[tuple[str, str]]
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_xticks(layers)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return fig
+    return _finish_panel_grid(fig, axes, len(metrics), title, legend_space=0.05)
 
 
 def plot_sparsity_sweep(summaries: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str] | None = None,
@@ -319,14 +324,7 @@ def plot_sparsity_sweep(summaries: dict[str, dict[str, dict[str, Any]]], labels:
             ax.set_yscale("log")
         ax.set_xlabel("density 1 − S")
         ax.set_title((labels or {}).get(key, key), fontsize=10)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    handles, lab = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, lab, loc="lower center", ncol=len(lab), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig
+    return _finish_panel_grid(fig, axes, len(keys), title, legend_space=0.07)
 
 
 def plot_seed_scatter(records: Sequence[dict], key: str, group: str = "config", ax: Any = None,

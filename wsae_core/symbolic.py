@@ -365,6 +365,20 @@ def _region_constraints(H: list[list[Any]], active: tuple[int, ...], signs: dict
     return A, b
 
 
+def _per_feature_config(W_p: Any, V: Any, values: str):
+    """Validated ``(W_p, V, n_p, n)`` for the per-feature exact statistics (``n <= 6``; ``V``
+    defaults to ``W_pᵀ`` and must have shape ``(n, n_p)``)."""
+    _check_values(values)
+    Wp = _sympy_matrix(W_p, "W_p")
+    n_p, n = Wp.shape
+    if n > 6:
+        raise ValueError(f"n must be <= 6, got n = {n}")
+    Vm = Wp.T if V is None else _sympy_matrix(V, "V")
+    if Vm.shape != (n, n_p):
+        raise ValueError(f"V must have shape (n, n_p) = ({n}, {n_p}), got {Vm.shape}")
+    return Wp, Vm, n_p, n
+
+
 def _check_values(values: str) -> None:
     if values not in ("uniform", "constant"):
         raise ValueError(f"values must be 'uniform' or 'constant', got {values!r}")
@@ -591,14 +605,7 @@ def feature_recovery(W_p: Any, V: Any = None, *, S_value: Any = None, c_value: A
     feature j. Conditioning on ``x_j > 0``, feature j is active and each other feature is active
     with probability ``1 - S``.
     """
-    _check_values(values)
-    Wp = _sympy_matrix(W_p, "W_p")
-    n_p, n = Wp.shape
-    if n > 6:
-        raise ValueError(f"n must be <= 6, got n = {n}")
-    Vm = Wp.T if V is None else _sympy_matrix(V, "V")
-    if Vm.shape != (n, n_p):
-        raise ValueError(f"V must have shape (n, n_p) = ({n}, {n_p}), got {Vm.shape}")
+    Wp, Vm, n_p, n = _per_feature_config(W_p, V, values)
     S_, c_ = _check_S(S_value), _check_c(c_value)
     H, exact = _to_numbers(Vm * Wp)
     if not exact:
@@ -643,14 +650,7 @@ def top_change_probability(W_p: Any, V: Any = None, *, S_value: Any = None,
     all zero counts as changed (it has no top latent). For the constant value distribution ties
     are broken towards the lower index.
     """
-    _check_values(values)
-    Wp = _sympy_matrix(W_p, "W_p")
-    n_p, n = Wp.shape
-    if n > 6:
-        raise ValueError(f"n must be <= 6, got n = {n}")
-    Vm = Wp.T if V is None else _sympy_matrix(V, "V")
-    if Vm.shape != (n, n_p):
-        raise ValueError(f"V must have shape (n, n_p) = ({n}, {n_p}), got {Vm.shape}")
+    Wp, Vm, n_p, n = _per_feature_config(W_p, V, values)
     S_ = _check_S(S_value)
     H, exact = _to_numbers(Vm * Wp)
     if not exact:

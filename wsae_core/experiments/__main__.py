@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return interp_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments", description=__doc__)
-    parser.add_argument("experiment", choices=["synthetic", "theory"])
+    # lm and interp are dispatched above (they have options of their own: `... lm --help`).
+    parser.add_argument("experiment", choices=["synthetic", "theory", "lm", "interp"])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None,
                         help="run size (default: WSAE_PROFILE or 'book')")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, <= 4)")
