@@ -43,6 +43,13 @@ PALETTE = {
 CYCLE = [PALETTE[k] for k in ("blue", "orange", "green", "vermillion", "sky", "purple", "yellow", "black")]
 
 
+def _figure_and_axes(ax: Any, figsize: tuple[float, float] | None = None):
+    """``(figure, axes)``: a new figure when ``ax`` is None, otherwise the figure ``ax`` is on."""
+    if ax is None:
+        return plt.subplots(figsize=figsize)
+    return ax.figure, ax
+
+
 def _finish_panel_grid(fig, axes, n_used: int, title: str | None, legend_space: float):
     """Hide unused panels, put one shared legend under the grid, add the title."""
     for ax in list(axes.flat)[n_used:]:
@@ -134,10 +141,7 @@ def plot_vector_comparison(vectors: dict[str, Any], ax: Any = None, xlabel: str 
     names = list(vectors)
     arrs = [np.asarray(vectors[k], dtype=float).ravel() for k in names]
     n = max(a.size for a in arrs)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), 3.0))
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize=(max(4.0, 0.6 * n + 2), 3.0))
     width = 0.8 / len(arrs)
     for i, (name, a) in enumerate(zip(names, arrs)):
         ax.bar(np.arange(a.size) + (i - (len(arrs) - 1) / 2) * width, a, width, label=name, color=CYCLE[i % len(CYCLE)])
@@ -159,10 +163,7 @@ def plot_losses_vs_sparsity(S: Any, curves: dict[str, Any], ax: Any = None, titl
     ``curves`` maps a label to an array ``(len(S), 2)`` of (mean, standard error).
     """
     S = np.asarray(S, dtype=float)
-    if ax is None:
-        fig, ax = plt.subplots()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax)
     for i, (label, vals) in enumerate(curves.items()):
         vals = np.asarray(vals, dtype=float)
         if vals.shape != (S.size, 2):
@@ -226,10 +227,7 @@ def plot_exact_vs_mc(x: Any, exact: dict[str, Any], mc: dict[str, Any] | None = 
     Used by the Theory chapters.
     """
     x = np.asarray(x, dtype=float)
-    if ax is None:
-        fig, ax = plt.subplots()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax)
     for i, (label, ys) in enumerate(exact.items()):
         col = CYCLE[i % len(CYCLE)]
         ax.plot(x, np.asarray(ys, dtype=float), color=col, lw=2, label=label)
@@ -254,10 +252,7 @@ def plot_matrix(M: Any, ax: Any = None, title: str | None = None, labels: Sequen
     A = np.asarray(M, dtype=float)
     if A.ndim != 2:
         raise ValueError(f"M must be a 2-D matrix, got shape {A.shape}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(0.55 * A.shape[1] + 1.8, 0.55 * A.shape[0] + 1.2))
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize=(0.55 * A.shape[1] + 1.8, 0.55 * A.shape[0] + 1.2))
     lim = max(np.abs(A).max(), 1e-12)
     ax.imshow(A, cmap="RdBu_r", vmin=-lim, vmax=lim)
     for (i, j), v in np.ndenumerate(A):
@@ -331,10 +326,7 @@ def plot_seed_scatter(records: Sequence[dict], key: str, group: str = "config", 
                       ylabel: str | None = None, logy: bool = False, title: str | None = None):
     """Each run as a point against the density ``1 - S`` (log axis), one colour per ``group``,
     the median over seeds joined by a line (chapter *Training meets theory*)."""
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize=(5.2, 3.4))
     groups = list(dict.fromkeys(r[group] for r in records))
     for i, g in enumerate(groups):
         rs = [r for r in records if r[group] == g]
@@ -372,10 +364,7 @@ def plot_cosine_matrix(directions: Any, W_p: Any, ax: Any = None, title: str | N
     order = [p for p in m.perm if p >= 0] + rest
     Dn = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
     C = np.abs(Dn[order] @ (W / np.linalg.norm(W, axis=0, keepdims=True)))
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(0.35 * W.shape[1] + 1.5, 0.35 * D.shape[0] + 1.0))
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, figsize=(0.35 * W.shape[1] + 1.5, 0.35 * D.shape[0] + 1.0))
     ax.imshow(C, vmin=0, vmax=1, cmap="Greys", aspect="auto")
     ax.set_xlabel("feature i")
     ax.set_ylabel("latent (matched order)")
