@@ -36,8 +36,10 @@ Tools:
   benchmark    speed benchmarks (`benchmark train` vs SAELens, `benchmark sampler`; benchmarks/)
 
 Options shared by the commands that take them:
-  --profile {{{",".join(PROFILES)}}}   run size      --device cpu|cuda   where models run
-  --out PATH                      where results or SAEs are written   --workers N   processes
+  --profile {{{",".join(PROFILES)}}}   run size (ci: seconds, book: the book's runs, paper: the paper's sizes)
+  --device cpu|cuda            where models run (same code on both)
+  --out PATH                   where results, SAEs or data are written
+  --workers N                  worker processes for grids of small runs
 """
 
 
@@ -70,7 +72,7 @@ def _export(argv: list[str]) -> int:
 
     from . import interop as X
 
-    paths = [Path(s) for s in args.paths] + (_sweep_sae_dirs(args.sweep) if args.sweep else [])
+    paths = [Path(s) for s in args.paths] + ([Path(r["sae_dir"]) for r in _sweep(args.sweep, None)[1]] if args.sweep else [])
     if not paths:
         p.error("give SAE folders or --sweep RESULTS.json")
     if args.hook_name and len(paths) > 1:
@@ -110,22 +112,65 @@ def _import(argv: list[str]) -> int:
     return 0
 
 
-def _sweep_sae_dirs(results: str | Path) -> list[Path]:
+def _sweep(results: str | Path | None, profile: str | None, layer: int | None = None) -> tuple[dict, list[dict]]:
+    """A layer sweep's results (default: the profile's committed file) and the records of its trained
+    SAEs (at ``layer``, if given), checked to be on this machine."""
     import json
 
-    recs = json.loads(Path(results).read_text())["records"]
-    dirs = [Path(r["sae_dir"]) for r in recs if r.get("sae_dir") and r.get("alpha") is not None]
-    missing = [d for d in dirs if not d.is_dir()]
+    from .experiments.lm import results_path
+    from .profile import current_profile
+
+    profile = profile or current_profile()
+    path = Path(results) if results else results_path(profile)
+    sweep = json.loads(path.read_text())
+    recs = [r for r in sweep["records"] if r.get("sae_dir") and r.get("alpha") is not None
+            and (layer is None or r["layer"] == layer)]
+    if not recs:
+        raise SystemExit(f"{path} has no trained SAE{f' at layer {layer}' if layer is not None else ''}; "
+                         f"layers: {sorted({r['layer'] for r in sweep['records']})}")
+    missing = [r["sae_dir"] for r in recs if not Path(r["sae_dir"]).is_dir()]
     if missing:
-        raise SystemExit(f"{len(missing)} SAE folders of {results} are not on this machine (first: {missing[0]}); "
-                         "rerun the sweep: python -m wsae_core lm --profile PROFILE")
-    return dirs
+        raise SystemExit(f"{len(missing)} SAE folders of {path} are not on this machine (first: {missing[0]}); "
+                         f"rerun the sweep: {PROG} lm --profile {profile}")
+    return sweep, recs
 
 
 def _browser(argv: list[str]) -> int:
-    from .browser import main
+    import json
 
-    return main(argv)
+    from .activations import ActivationCache
+    from .browser import build_latent_browser, write_latent_browser
+    from .experiments.interp import load_tokenizer
+    from .experiments.lm import describe
+    from .interp import token_strings
+
+    p = argparse.ArgumentParser(prog=f"{PROG} browser", description=(
+        "Build the latent browser's data from a layer sweep's SAEs and activation cache "
+        f"({PROG} lm writes both) and, optionally, an auto-interpretability run's explanations."))
+    p.add_argument("--profile", choices=PROFILES, default=None, help="which sweep (default: $WSAE_PROFILE or book)")
+    p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--explanations", default=None, help="an interp sweep's results JSON (explanations and scores)")
+    p.add_argument("--latents", type=int, default=8, help="latents sampled per SAE (besides the explained and paired ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="data file to write (the book's: book/browser_assets/latent_browser/data.js)")
+    args = p.parse_args(argv)
+    sweep, recs = _sweep(args.sweep, args.profile, args.layer)
+    cache_dir = Path(sweep["cache"]["folder"])
+    if not cache_dir.is_dir():
+        raise SystemExit(f"the sweep's activation cache {cache_dir} is not on this machine; rerun the sweep: {PROG} lm")
+    spec = sweep["spec"]
+    expl = json.loads(Path(args.explanations).read_text()) if args.explanations else None
+    data = build_latent_browser({r["method"]: r["sae_dir"] for r in recs}, ActivationCache(cache_dir), args.layer,
+                                token_strings(load_tokenizer(sweep["model_info"]["name"])), explanations=expl,
+                                n_latents=args.latents, contexts=range(0, spec["n_train_contexts"]),
+                                skip_first=spec["skip_first"], seed=args.seed, device=args.device,
+                                description=describe(sweep))
+    out = write_latent_browser(data, args.out)
+    print(f"wrote {out}: {len(data['latents'])} latents of {len(data['saes'])} SAEs at layer {args.layer}, "
+          f"{out.stat().st_size / 1024:.0f} KiB")
+    return 0
 
 
 def _benchmark(argv: list[str]) -> int:

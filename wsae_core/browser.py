@@ -36,7 +36,7 @@ from .interop import PortableSAE, load
 from .interp import NotEnoughExamples, SelectionConfig, select_examples
 
 __all__ = ["BROWSER_SELECTION", "latent_codes", "nearest_latents", "explanations_by_latent",
-           "build_latent_browser", "write_latent_browser", "read_latent_browser", "main"]
+           "build_latent_browser", "write_latent_browser", "read_latent_browser"]
 
 #: Contexts shown per latent (when no explanation run says otherwise): 6 top, 4 quantile windows of
 #: 12 tokens before and 4 after the strongest token; one held-out context each so the selection
@@ -253,50 +253,3 @@ def read_latent_browser(path: str | Path) -> dict[str, Any]:
     if not (text.startswith(head) and text.endswith(";")):
         raise ValueError(f"{path} is not a latent browser data file (expected it to start with {head!r})")
     return json.loads(text[len(head) : -1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m wsae_core browser --layer L [--sweep RESULTS.json] [--explanations INTERP.json] --out FILE``."""
-    import argparse
-
-    from .experiments.interp import load_tokenizer
-    from .experiments.lm import describe, results_path
-    from .interp import token_strings
-    from .profile import PROFILES, current_profile
-
-    p = argparse.ArgumentParser(prog="python -m wsae_core browser", description=(
-        "Build the latent browser's data from a layer sweep's SAEs and activation cache "
-        "(python -m wsae_core lm writes both) and, optionally, an auto-interpretability run's explanations."))
-    p.add_argument("--profile", choices=PROFILES, default=None, help="which sweep (default: $WSAE_PROFILE or book)")
-    p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--explanations", default=None, help="an interp sweep's results JSON (explanations and scores)")
-    p.add_argument("--latents", type=int, default=8, help="latents sampled per SAE (besides the explained and paired ones)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="data file to write (the book's: book/browser_assets/latent_browser/data.js)")
-    args = p.parse_args(argv)
-    profile = args.profile or current_profile()
-    sweep_path = Path(args.sweep) if args.sweep else results_path(profile)
-    sweep = json.loads(sweep_path.read_text())
-    recs = [r for r in sweep["records"] if r["layer"] == args.layer and r.get("alpha") is not None]
-    if not recs:
-        raise SystemExit(f"{sweep_path} has no trained SAE at layer {args.layer}; layers: "
-                         f"{sorted({r['layer'] for r in sweep['records']})}")
-    missing = [r["sae_dir"] for r in recs if not Path(r["sae_dir"]).is_dir()]
-    cache_dir = Path(sweep["cache"]["folder"])
-    if missing or not cache_dir.is_dir():
-        raise SystemExit(f"the SAEs or the activation cache of {sweep_path} are not on this machine "
-                         f"(e.g. {(missing or [cache_dir])[0]}); rerun: python -m wsae_core lm --profile {profile}")
-    spec = sweep["spec"]
-    cache = ActivationCache(cache_dir)
-    expl = json.loads(Path(args.explanations).read_text()) if args.explanations else None
-    data = build_latent_browser({r["method"]: r["sae_dir"] for r in recs}, cache, args.layer,
-                                token_strings(load_tokenizer(sweep["model_info"]["name"])), explanations=expl,
-                                n_latents=args.latents, contexts=range(0, spec["n_train_contexts"]),
-                                skip_first=spec["skip_first"], seed=args.seed, device=args.device,
-                                description=describe(sweep))
-    out = write_latent_browser(data, args.out)
-    print(f"wrote {out}: {len(data['latents'])} latents of {len(data['saes'])} SAEs at layer {args.layer}, "
-          f"{out.stat().st_size / 1024:.0f} KiB")
-    return 0
