@@ -39,24 +39,32 @@ def setup(tmp_path_factory):
 def data(setup):
     tiny, cache, saes = setup
     stats = B.latent_codes(saes["SAE"], cache.activations(LAYER, 1), cache.doc_ids[:, 1:].reshape(-1))
-    explained = int(np.flatnonzero(stats[1] >= B.BROWSER_SELECTION.n_activating_needed)[-1])
+    eligible = np.flatnonzero(stats[1] >= B.BROWSER_SELECTION.n_activating_needed)
+    explained, other = int(eligible[-1]), int(eligible[-2])
     expl = {"records": [{"kind": "sae", "layer": LAYER, "method": "SAE", "latent": explained,
                          "explanation": "mentions of </script> in film titles", "score": 0.75,
-                         "detection": 0.8, "fuzzing": 0.7, "detection_auc": float("nan")}]}
+                         "detection": 0.8, "fuzzing": 0.7, "detection_auc": float("nan")},
+                        # written for other weights: the run saw this latent fire in other documents
+                        {"kind": "sae", "layer": LAYER, "method": "SAE", "latent": other,
+                         "explanation": "something else", "n_activating": 10**6}]}
     d = B.build_latent_browser(saes, cache, LAYER, I.token_strings(tiny.tokenizer), explanations=expl,
                                n_latents=3, progress=False, description="a tiny random GPT-NeoX")
-    d["_explained"] = explained
+    d["_explained"], d["_other"] = explained, other
     return d
 
 
 def test_sampled_latents_explained_ones_first_and_paired(data):
     by_sae = [[l for l in data["latents"] if l["sae"] == s] for s in (0, 1)]
-    assert by_sae[0][0]["id"] == data["_explained"]
-    assert by_sae[0][0]["explanation"].startswith("mentions of") and by_sae[0][0]["score"] == 0.75
-    assert "detection_auc" not in by_sae[0][0]  # NaN scores are dropped, not written as NaN
-    assert 1 <= len(by_sae[0]) <= 4 + 3  # 1 explained + 3 sampled + latents paired with WSAE's
+    first = {l["id"]: l for l in by_sae[0][:2]}  # the latents with explanations come first
+    assert set(first) == {data["_explained"], data["_other"]}
+    hit = first[data["_explained"]]
+    assert hit["explanation"].startswith("mentions of") and hit["score"] == 0.75
+    assert "detection_auc" not in hit  # NaN scores are dropped, not written as NaN
+    assert "explanation" not in first[data["_other"]]
+    assert data["saes"][0]["explanations_not_matching"] == 1
+    assert 1 <= len(by_sae[0]) <= 5 + 5  # 2 explained, 3 sampled, paired with the WSAE's
     ids1 = {l["id"] for l in by_sae[1]}
-    for l in by_sae[0][:4]:  # each sampled SAE latent's nearest eligible WSAE latent is in the sample
+    for l in by_sae[0][:5]:  # each sampled SAE latent's nearest eligible WSAE latent is in the sample
         assert any(i in ids1 for i, _ in l["neighbours"]["1"])
 
 

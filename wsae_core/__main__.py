@@ -151,7 +151,7 @@ def _browser(argv: list[str]) -> int:
     p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--explanations", default=None, help="an interp sweep's results JSON (explanations and scores)")
-    p.add_argument("--latents", type=int, default=8, help="latents sampled per SAE (besides the explained and paired ones)")
+    p.add_argument("--latents", type=int, default=12, help="latents sampled per SAE (besides the explained and paired ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="data file to write (the book's: book/browser_assets/latent_browser/data.js)")

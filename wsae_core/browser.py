@@ -12,7 +12,10 @@ script the book's static viewer reads (``window.WSAE_LATENT_BROWSER = {...}``: a
 loads it from a page opened over ``file://`` too, where ``fetch`` of a JSON file is refused).
 
 Sampling (seeded): latents that fire in at least ``n_activating_needed`` documents are *eligible*;
-per SAE, the latents that have an explanation come first, then a random sample of the others; with
+per SAE, the latents that have an explanation come first, then a random sample of the others (an
+explanation is attached only when the run that wrote it saw the latent fire in as many documents as
+these weights do: an SAE retrained elsewhere can diverge, and its latent ``j`` is then another
+feature; such explanations are counted in ``explanations_not_matching``); with
 ``paired=True`` the nearest eligible latent of each sampled one in every other SAE is added, so a
 reader can follow a latent across the SAE and the WSAEs.
 
@@ -92,12 +95,16 @@ def nearest_latents(a: PortableSAE, b: PortableSAE, latents: Sequence[int], k: i
 def explanations_by_latent(results: Mapping[str, Any] | None, layer: int) -> dict[tuple[str, int], dict[str, Any]]:
     """``{(method, latent): {"explanation", "score", "detection", ...}}`` for ``layer`` from an
     auto-interpretability run's results (``{"records": [{"layer", "method", "latent", "explanation",
-    scores...}]}``, as :func:`wsae_core.experiments.interp.run_sweep` writes)."""
+    scores..., "n_activating"}]}``, as :func:`wsae_core.experiments.interp.run_sweep` writes).
+    ``n_activating`` (documents the latent fired in, as the run saw it) lets the browser check that
+    the explanation was made for the same weights."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for r in (results or {}).get("records", []):
         if r.get("layer") != layer or r.get("explanation") is None or r.get("kind", "sae") != "sae":
             continue
         scores = {k: r[k] for k in _SCORE_KEYS if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
+        if isinstance(r.get("n_activating"), int):
+            scores["n_activating"] = r["n_activating"]
         out[(str(r["method"]), int(r["latent"]))] = {"explanation": str(r["explanation"]), **scores}
     return out
 
@@ -113,7 +120,7 @@ def build_latent_browser(
     vocab: Sequence[str],
     *,
     explanations: Mapping[str, Any] | None = None,
-    n_latents: int = 8,
+    n_latents: int = 12,
     paired: bool = True,
     contexts: range | None = None,
     skip_first: int = 1,
@@ -183,6 +190,7 @@ def build_latent_browser(
         return table.setdefault(int(t), len(table))
 
     out_latents = []
+    mismatched = dict.fromkeys(names, 0)
     for name in names:
         sae = loaded[name]
         n_fired, n_docs, vmax = stats[name]
@@ -214,7 +222,13 @@ def build_latent_browser(
                                for b in names if b != name},
             }
             if (name, j) in expl:
-                rec.update(expl[(name, j)])
+                e = dict(expl[(name, j)])
+                # A run on other weights (a retrained, chaotically diverged SAE) explained another
+                # latent under this index: its explanation must not be shown as this one's.
+                if e.pop("n_activating", ex.n_activating) == ex.n_activating:
+                    rec.update(e)
+                else:
+                    mismatched[name] += 1
             out_latents.append(rec)
         bar.update(1)
     bar.close()
@@ -230,7 +244,8 @@ def build_latent_browser(
         "saes": [{"name": n, "n_latents": loaded[n].model.cfg.n_m, "kind": loaded[n].model.cfg.kind,
                   "k": loaded[n].model.cfg.k, "alpha": loaded[n].meta.get("alpha"),
                   "eligible": int((stats[n][1] >= selection.n_activating_needed).sum()),
-                  "dead_fraction": _round(float((stats[n][0] == 0).mean()))} for n in names],
+                  "dead_fraction": _round(float((stats[n][0] == 0).mean())),
+                  "explanations_not_matching": mismatched[n]} for n in names],
         "tokens": [vocab[t] for t in inv],
         "latents": out_latents,
     }
