@@ -145,8 +145,6 @@ def test_clear_errors(tmp_path):
     (folder / "cfg.json").write_text(json.dumps({**scfg, "activation": "groupmax"}))
     with pytest.raises(ValueError, match="groupmax"):
         X.load(folder)
-    with pytest.raises(ValueError, match="format must be one of"):
-        X.export(out, tmp_path / "z", "neuronpedia")
     with pytest.raises(ValueError, match="scale must be"):
         X.PortableSAE(_model("relu"), scale=0.0)
 

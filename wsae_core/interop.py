@@ -82,7 +82,6 @@ __all__ = [
     "to_saelens",
     "to_sparsify",
     "to_wsae",
-    "export",
 ]
 
 Format = Literal["wsae", "saelens", "sparsify"]
@@ -423,21 +422,3 @@ def load(path: str | Path, *, scale: float | None = None, device: str = "cpu") -
     sae = {"wsae": _load_wsae, "saelens": _load_saelens, "sparsify": _load_sparsify}[fmt](path, scale)
     sae.model.to(device).eval()
     return sae
-
-
-def export(path: str | Path, out: str | Path, fmt: str, **names: Any) -> Path:
-    """Convert the SAE in folder ``path`` (any format) into format ``fmt`` at ``out``.
-
-    For ``"sparsify"``, ``out`` is the run folder and the SAE goes to ``out/<hookpoint>``; ``names``
-    passes ``model_name`` / ``hook_name`` (SAELens) or ``hookpoint`` / ``model_name`` (sparsify).
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    sae = load(path)
-    if fmt == "saelens":
-        return to_saelens(sae, out, **names)
-    if fmt == "sparsify":
-        return to_sparsify(sae, out, **names)
-    if names:
-        raise ValueError(f"format 'wsae' takes no names, got {sorted(names)}")
-    return to_wsae(sae, out)
