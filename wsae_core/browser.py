@@ -52,23 +52,21 @@ _SCORE_KEYS = ("score", "detection", "fuzzing", "detection_auc", "fuzzing_auc")
 
 @torch.no_grad()
 def latent_codes(sae: PortableSAE, x: torch.Tensor, doc_ids: np.ndarray, *, batch: int = 4096,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Firing statistics of every latent on raw activations ``x`` ``(n, n_p)`` from documents
-    ``doc_ids`` ``(n,)``: ``(n_fired (n_m,), n_docs (n_m,), max_activation (n_m,))``."""
+    ``doc_ids`` ``(n,)``: ``(n_fired (n_m,), n_docs (n_m,))`` (tokens and distinct documents)."""
     n_m = sae.model.cfg.n_m
     n_fired = np.zeros(n_m, dtype=np.int64)
-    vmax = np.zeros(n_m, dtype=np.float32)
     pairs = []
     model = sae.model.to(device)
     for b in range(0, x.shape[0], batch):
         a = model.encode(x[b : b + batch].to(device) / sae.scale).cpu()
         on = a > 0
         n_fired += on.sum(0).numpy()
-        vmax = np.maximum(vmax, a.max(0).values.numpy())
         rows, cols = on.nonzero(as_tuple=True)
         pairs.append(np.unique(cols.numpy() * (int(doc_ids.max()) + 1) + doc_ids[b + rows.numpy()]))
     n_docs = np.bincount(np.unique(np.concatenate(pairs)) // (int(doc_ids.max()) + 1), minlength=n_m)
-    return n_fired, n_docs, vmax
+    return n_fired, n_docs
 
 
 @torch.no_grad()
@@ -132,8 +130,8 @@ def build_latent_browser(
     progress: bool | None = None,
     description: str = "",
 ) -> dict[str, Any]:
-    """The browser's data for the SAEs ``saes`` (``{name: SAE or folder}``, the first one is the
-    baseline the WSAEs are compared with) at ``layer`` of ``cache``.
+    """The browser's data for the SAEs ``saes`` (``{name: SAE or folder}``, e.g. the SAE and its
+    WSAEs) at ``layer`` of ``cache``.
 
     ``vocab[i]``: the text of token ``i`` (:func:`wsae_core.interp.token_strings`). ``explanations``:
     an auto-interpretability run's results (:func:`explanations_by_latent`); its ``selection``
@@ -193,7 +191,7 @@ def build_latent_browser(
     mismatched = dict.fromkeys(names, 0)
     for name in names:
         sae = loaded[name]
-        n_fired, n_docs, vmax = stats[name]
+        n_fired, n_docs = stats[name]
         cols = _columns(sae, x, chosen[name], device=device)
         for c, j in enumerate(chosen[name]):
             acts = np.zeros((len(tokens), T), dtype=np.float32)
