@@ -41,7 +41,13 @@ def test_the_page_searches_opens_shades_and_links_offline(browser, server):  # n
         shaded = page.locator(".wsae-lb-detail .wsae-lb-on")
         assert shaded.count() >= 2 and "rgba" in (shaded.first.get_attribute("style") or "")
         assert page.locator(".wsae-lb-hist rect").count() >= 10
-        # Follow a neighbour link into another SAE.
+        # Follow a neighbour link into another SAE, from a latent whose neighbours are in the sample.
+        key = page.evaluate("""() => { const d = window.WSAE_LATENT_BROWSER;
+            const have = new Set(d.latents.map(l => l.sae + '-' + l.id));
+            const l = d.latents.find(l => Object.entries(l.neighbours).some(([s, ps]) => ps.some(p => have.has(s + '-' + p[0]))));
+            return l.sae + '-' + l.id; }""")
+        page.fill(".wsae-lb-search", "")
+        page.click(f".wsae-lb-item[data-key='{key}']")
         link = page.locator(".wsae-lb-detail .wsae-lb-link").first
         target = link.inner_text().split()[0]
         link.click()

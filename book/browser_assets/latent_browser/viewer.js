@@ -190,10 +190,11 @@
       });
     }
 
-    [search, which, onlyExplained].forEach(function (c) {
-      c.addEventListener("input", renderList);
-      c.addEventListener("change", renderList);
-    });
+    // Typing filters at once; a "change" listener on the text field would rebuild the list when it
+    // loses focus, i.e. between the mousedown and the click on an item.
+    search.addEventListener("input", renderList);
+    which.addEventListener("change", renderList);
+    onlyExplained.addEventListener("change", renderList);
     renderList();
     var m = /^#latent-(\d+)-(\d+)$/.exec(location.hash);
     var first = (m && byKey[m[1] + "-" + m[2]]) || latents.filter(function (l) { return l.explanation; })[0] || latents[0];
