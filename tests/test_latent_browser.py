@@ -60,7 +60,7 @@ def test_sampled_latents_explained_ones_first_and_paired(data):
     hit = first[data["_explained"]]
     assert hit["explanation"].startswith("mentions of") and hit["score"] == 0.75
     assert "detection_auc" not in hit  # NaN scores are dropped, not written as NaN
-    assert "explanation" not in first[data["_other"]]
+    assert "explanation" not in first[data["_other"]] and first[data["_other"]]["explanation_withheld"]
     assert data["saes"][0]["explanations_not_matching"] == 1
     assert 1 <= len(by_sae[0]) <= 5 + 5  # 2 explained, 3 sampled, paired with the WSAE's
     ids1 = {l["id"] for l in by_sae[1]}

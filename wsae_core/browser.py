@@ -226,6 +226,7 @@ def build_latent_browser(
                 if e.pop("n_activating", ex.n_activating) == ex.n_activating:
                     rec.update(e)
                 else:
+                    rec["explanation_withheld"] = True
                     mismatched[name] += 1
             out_latents.append(rec)
         bar.update(1)

@@ -148,6 +148,9 @@
       if (l.explanation) {
         ex.appendChild(el("strong", null, "Explanation: "));
         ex.appendChild(document.createTextNode(l.explanation));
+      } else if (l.explanation_withheld) {
+        ex.textContent = "Explanation withheld: the auto-interpretability run saw this latent fire in another " +
+          "number of documents, so it explained other weights of this SAE (a re-training diverged).";
       } else {
         ex.textContent = "No explanation: this latent was not among those the auto-interpretability run scored.";
       }
