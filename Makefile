@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 ASSETS := book/static/.vendored
 TEST_BUILD := _build/test
 
@@ -43,6 +44,12 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Test-only extra (SAELens and sparsify for the interop round trips, actionlint for the workflow),
+# resolved together with the main pins.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 $(ASSETS): tools/vendor_assets.sh
 	bash tools/vendor_assets.sh book/static
 	touch $(ASSETS)
@@ -53,9 +60,11 @@ book: setup
 	WSAE_PROFILE=$${WSAE_PROFILE:-book} $(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Open _build/html/index.html in a browser."
 
+# Under make test, a missing test extra fails the interop and workflow tests instead of skipping them.
+test: export WSAE_REQUIRE_TEST_EXTRA := 1
 # The test build has its own output folder and execution cache, so it never mixes ci-sized results
 # into the book's cache.
-test: setup browser
+test: setup $(TEST_STAMP) browser
 	rm -rf $(TEST_BUILD)/_build/html $(TEST_BUILD)/_build/screenshots
 	WSAE_PROFILE=ci $(BIN)/jupyter-book build . --path-output $(TEST_BUILD) -W -n --keep-going
 	WSAE_PROFILE=ci WSAE_REQUIRE_BROWSER=1 WSAE_BUILT_HTML=$(TEST_BUILD)/_build/html $(BIN)/python -m pytest tests book \

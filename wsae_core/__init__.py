@@ -15,6 +15,8 @@ The modules each own one idea and import only the ideas listed before them:
 ``activations`` on-disk activation cache: sharded, resumable, reused, shuffled reads
 ``proxies``   offline interpretability proxies: topic consistency, token entropy, embedding coherence
 ``interp``    LLM auto-interpretability: example selection, explain / detect / fuzz, chat clients, response cache
+``interop``   SAEs for SAELens and sparsify (export) and theirs opened here (import)
+``browser``   the latent browser's data: contexts, histograms, explanations, nearest latents
 ``experiments`` runners for the book's experiments, ``python -m wsae_core.experiments ...``
 ``plots``     one consistent figure style for the book
 ``widgets``   the playground: live ipywidgets and a pre-rendered explorer for the static book
