@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ __all__ = ["NonFiniteError", "CorruptFileError", "nonfinite_location", "check_fi
 
 
 class NonFiniteError(ValueError):
-    """A NaN or Inf where finite numbers are needed; the message says where it is."""
+    """A NaN or Inf where finite numbers are needed (or a training run diverging towards them);
+    the message says where it is."""
 
 
 class CorruptFileError(ValueError):
@@ -39,7 +41,16 @@ class CorruptFileError(ValueError):
 
 def nonfinite_location(x: Any) -> tuple[tuple[int, ...], float] | None:
     """``(index, value)`` of the first NaN/Inf in ``x`` (a torch tensor or an array), or None."""
+    # Fast path: one reduction (a NaN/Inf anywhere makes the sum non-finite); only a non-finite sum,
+    # or an overflowing one, pays for locating the entry.
     if hasattr(x, "isfinite") and hasattr(x, "nonzero") and not isinstance(x, np.ndarray):  # torch
+        import torch  # already loaded: x is a tensor
+
+        if not x.is_floating_point() or x.numel() == 0:
+            return None
+        # Half-precision sums overflow at 65,504: accumulate those in float32.
+        if math.isfinite(float(x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32))):
+            return None
         bad = ~x.isfinite()
         if not bool(bad.any()):
             return None
@@ -47,6 +58,8 @@ def nonfinite_location(x: Any) -> tuple[tuple[int, ...], float] | None:
         return idx, float(x[idx])
     a = np.asarray(x)
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.complexfloating):
+        return None
+    if a.size == 0 or np.isfinite(a.sum(dtype=np.float64)):
         return None
     bad = ~np.isfinite(a)
     if not bad.any():

@@ -193,7 +193,7 @@ class TheorySAE(nn.Module):
 
     def forward(self, x_p: Tensor, gamma: Tensor | None = None) -> ForwardOutput:
         x_p, gamma = _check_input(self, x_p, gamma)
-        lat = self.encode(x_p)
+        lat = torch.relu(x_p @ self.W_m.T)
         rec = self.decode(lat)
         recon, fvu = _weighted_sq_error(x_p, rec, gamma)
         zero = recon.new_zeros(())

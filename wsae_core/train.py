@@ -44,6 +44,9 @@ from .weights import validate_gamma  # noqa: E402
 
 __all__ = ["TrainConfig", "Trainer", "save_sae", "load_sae", "lr_at"]
 
+#: A loss this many times its scale at the first step of ``fit`` means the run diverged.
+_DIVERGED = 1e4
+
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -360,9 +363,11 @@ class Trainer:
         """Train from the current step to ``cfg.steps`` (or stop after step ``until``, which is
         how the tests simulate an interruption). Returns ``history``.
 
-        A NaN/Inf loss or gradient stops training at once with
-        :class:`~wsae_core.checks.NonFiniteError` naming the step, the quantity and, if the batch
-        was the cause, the row and column that was not finite; the optimiser step is not taken.
+        A NaN/Inf loss or gradient, or a loss that has grown to ``1e4`` times its scale at the first
+        step of this call (the larger of the loss then and the loss of predicting 0: a diverging run),
+        stops training at once with :class:`~wsae_core.checks.NonFiniteError` naming the step, the
+        quantity and, if the batch was the cause, the row and column that was not finite; the
+        optimiser step is not taken.
         """
         cfg = self.cfg
         if until is not None and (isinstance(until, bool) or not isinstance(until, Integral) or until < 0):
@@ -377,6 +382,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", leave=False)
         model, opt = self.model, self.optimizer
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        first, start = 0.0, self.step
         before = getattr(model, "before_step", None)
         after = getattr(model, "after_step", None)
         try:
@@ -388,13 +394,21 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
                     out = model(x_p, self.gamma)
-                if not torch.isfinite(out.loss):
-                    raise self._nonfinite("the loss", float(out.loss), x_p)
+                loss = float(out.loss.detach())
+                if not math.isfinite(loss):
+                    raise self._nonfinite(f"the loss is {loss}", x_p)
+                if not first:  # the yardstick: the larger of the first loss and that of predicting 0
+                    w2 = 1.0 if self.gamma is None else self.gamma.pow(2)
+                    first = max(loss, float((x_p.detach().float().pow(2) * w2).sum(1).mean()))
+                elif loss > _DIVERGED * first:
+                    raise self._nonfinite(f"the loss is {loss:.4g}, {loss / first:.3g} times its scale {first:.4g} at "
+                                          f"step {start}", x_p)
                 out.loss.backward()
-                norms = torch.stack([p.grad.detach().norm() for _, p in named if p.grad is not None])
-                if not torch.isfinite(norms).all():
-                    name, p = next((n, p) for n, p in named if p.grad is not None and not torch.isfinite(p.grad.norm()))
-                    raise self._nonfinite(f"the gradient of {name}", float(p.grad.norm()), x_p)
+                for name, p in named:  # a NaN/Inf anywhere in a gradient makes its sum non-finite
+                    if p.grad is not None and not math.isfinite(float(p.grad.sum())):
+                        loc = nonfinite_location(p.grad)
+                        value = f"{loc[1]} at {list(loc[0])}" if loc else f"entries summing to {float(p.grad.sum())}"
+                        raise self._nonfinite(f"the gradient of {name} has {value}", x_p)
                 if before is not None:
                     before()
                 opt.step()
@@ -414,17 +428,17 @@ class Trainer:
             torch.set_num_threads(threads)
         return self.history
 
-    def _nonfinite(self, what: str, value: float, x_p: torch.Tensor) -> NonFiniteError:
+    def _nonfinite(self, what: str, x_p: torch.Tensor) -> NonFiniteError:
         """The error for a NaN/Inf at this step: which quantity, and whether the batch caused it.
         Raised before the optimiser step, so the weights and the last checkpoint stay finite."""
         loc = nonfinite_location(x_p)
         cause = (f"; the batch from the data source ({type(self.data).__name__}) has {loc[1]} at row {loc[0][0]}, "
                  f"column {loc[0][1]}" if loc is not None else
-                 " (the batch is finite: the run diverged; lower lr, now {:g})".format(self.cfg.lr))
+                 f" (the batch is finite: the run diverged; lower lr, now {self.cfg.lr:g})")
         last = getattr(self, "_checkpoint_step", None)
         kept = (f"; the last checkpoint (step {last}, in {self.cfg.checkpoint_dir}) is intact" if last is not None
                 else "; no checkpoint was written")
-        return NonFiniteError(f"step {self.step}: {what} is {value}{cause}; training stopped with the weights "
+        return NonFiniteError(f"step {self.step}: {what}{cause}; training stopped with the weights "
                               f"of step {self.step}{kept}")
 
     def dead_fraction(self) -> float:
