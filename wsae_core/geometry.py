@@ -347,7 +347,7 @@ def check_gamma(gamma: Any, n_p: int) -> np.ndarray:
         raise ValueError(f"gamma must have shape ({n_p},) (one weight per dimension of x_p), got {g.shape}")
     bad = ~np.isfinite(g) | (g <= 0)
     if bad.any():
-        raise ValueError(f"gamma must be finite and positive, got {g[bad][0]!r} at index {int(np.flatnonzero(bad)[0])}")
+        raise ValueError(f"gamma must be finite and positive, got {float(g[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
     return g
 
 

@@ -391,6 +391,8 @@ class Trainer:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x_p = self.data.sample(cfg.batch_size, self.generator).to(self.device, non_blocking=True)
+                if nonfinite_location(x_p) is not None:
+                    raise self._nonfinite(None, x_p)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
                     out = model(x_p, self.gamma)
@@ -428,18 +430,19 @@ class Trainer:
             torch.set_num_threads(threads)
         return self.history
 
-    def _nonfinite(self, what: str, x_p: torch.Tensor) -> NonFiniteError:
-        """The error for a NaN/Inf at this step: which quantity, and whether the batch caused it.
+    def _nonfinite(self, what: str | None, x_p: torch.Tensor) -> NonFiniteError:
+        """The error for a NaN/Inf at this step: the batch (``what`` None) or which quantity.
         Raised before the optimiser step, so the weights and the last checkpoint stay finite."""
         loc = nonfinite_location(x_p)
-        cause = (f"; the batch from the data source ({type(self.data).__name__}) has {loc[1]} at row {loc[0][0]}, "
-                 f"column {loc[0][1]}" if loc is not None else
-                 f" (the batch is finite: the run diverged; lower lr, now {self.cfg.lr:g})")
+        if loc is not None:
+            what = (f"the batch from the data source ({type(self.data).__name__}) has {loc[1]} at row {loc[0][0]}, "
+                    f"column {loc[0][1]}")
+        else:
+            what += f" (the batch is finite: the run diverged or overflowed; lower lr, now {self.cfg.lr:g})"
         last = getattr(self, "_checkpoint_step", None)
         kept = (f"; the last checkpoint (step {last}, in {self.cfg.checkpoint_dir}) is intact" if last is not None
                 else "; no checkpoint was written")
-        return NonFiniteError(f"step {self.step}: {what}{cause}; training stopped with the weights "
-                              f"of step {self.step}{kept}")
+        return NonFiniteError(f"step {self.step}: {what}; training stopped with the weights of step {self.step}{kept}")
 
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for ``dead_steps`` steps (or since the start)."""
