@@ -479,7 +479,8 @@ def frobenius_gap(W_p: Any, gamma: Any = None, rescale: bool = True) -> float:
     n_p, n = A.shape
     g = np.ones(n_p) if gamma is None else check_gamma(gamma, n_p)
     M = A.T @ np.diag(g**2) @ A
-    t = np.trace(M) / (M * M).sum() if rescale else 1.0
+    # For M = 0 (e.g. W_p = 0) every factor gives ||-I||: take t = 0 instead of dividing 0 by 0.
+    t = (np.trace(M) / (M * M).sum() if (M * M).sum() > 0 else 0.0) if rescale else 1.0
     return float(np.linalg.norm(t * M - np.eye(n)))
 
 
