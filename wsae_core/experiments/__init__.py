@@ -19,20 +19,28 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["run_tasks", "default_workers", "positive_int", "output_file", "check_spec"]
+__all__ = ["run_tasks", "default_workers", "int_at_least", "positive_int", "output_file", "check_spec"]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--workers 0`` is refused before any work starts)."""
+def int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type for integers >= ``low``, described as ``what`` in its error (an option such
+    as ``--workers 0`` is refused before any work starts)."""
     import argparse
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
+
+
+#: argparse type: an integer >= 1.
+positive_int = int_at_least(1, "an integer >= 1")
 
 
 def output_file(text: str) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..profile import Profile, current_profile, pick
-from . import output_file
+from . import int_at_least, output_file
 
 __all__ = ["METHODS", "CONTROL", "METRICS", "variance_diagnostics", "LMSpec", "spec_for", "run_lm", "load_or_run", "results_path", "table",
            "markdown_table", "paper_markdown_table", "describe", "layers_markdown", "paired_summary", "PAPER_TABLE1", "save_results", "main"]
@@ -595,19 +595,6 @@ def paired_summary(results: dict, metric: str, baseline: str = "SAE") -> dict[st
     return out
 
 
-def _block_index(text: str) -> int:
-    """argparse type for ``--layers``: a block index >= 0 (the model's upper bound is checked on load)."""
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block index (integer >= 0), got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a block index (integer >= 0), got {v}")
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m wsae_core.experiments lm --profile {ci,book,paper} [--out FILE] [--layers 0 5]``."""
     import argparse
@@ -615,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--model", default=None, help="override the profile's model (hub id or folder)")
-    parser.add_argument("--layers", type=_block_index, nargs="+", default=None)
+    parser.add_argument("--layers", type=int_at_least(0, "a block index (integer >= 0)"), nargs="+", default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     parser.add_argument("--out", type=output_file, default=None,
                         help="results JSON (default: book/results/lm_sweep_<profile>.json)")
