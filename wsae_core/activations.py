@@ -255,7 +255,8 @@ class ActivationCache:
             what = f"activation-cache shard {s}"
             if not (shard / "manifest.json").is_file():
                 raise CorruptFileError(f"{what} at {shard} is missing or has no manifest.json: rerun build_activation_cache")
-            files = read_json(shard / "manifest.json", what).get("files")
+            man = read_json(shard / "manifest.json", what)
+            files = man.get("files") if isinstance(man, dict) else None  # verify_files refuses None
             verify_files(shard, files, what, checksum=False)
             verify_files(shard, files, what, names=["tokens.npy", "doc_ids.npy", "labels.npy"], checksum=not _verified)
             self._files.append(files)
