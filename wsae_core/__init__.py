@@ -3,6 +3,7 @@
 The modules each own one idea and import only the ideas listed before them:
 
 ``profile``   which run size the chapters use (``ci`` / ``book`` / ``paper``)
+``checks``    shared checks: NaN/Inf located, files verified against SHA-256 manifests, atomic writes
 ``geometry``  superposition matrices W_p, interference, the Theorem 1 closed form, recovery, "~"
 ``symbolic``  exact algebra with SymPy: gap matrices, identities, exact expectations
 ``data``      sparse ground truth x and its superposition x_p = W_p x

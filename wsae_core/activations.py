@@ -12,6 +12,7 @@ length, token count, dtype)::
         labels.npy
         layer_3.npy        (n_contexts_in_shard * context_len, d_model) float32 (or float16)
         ...
+        manifest.json      every file's size and SHA-256: a shard that fails them is rebuilt, not read
 
 Shards are plain ``.npy`` files opened as memory maps, so reading a random batch touches only its
 rows: the shuffle is a seeded permutation over all tokens of all shards, applied at read time.
@@ -20,25 +21,30 @@ The root folder is ``$WSAE_CACHE_DIR`` or ``~/.cache/wsae_core`` (never inside t
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
 
+from .checks import (CorruptFileError, NonFiniteError, check_finite, nonfinite_location, read_json, verify_files,
+                     write_bytes, write_json)
 from .corpus import Contexts
 from .lm import LM, capture_residuals
 
 __all__ = ["CACHE_ENV", "cache_root", "cache_key", "build_activation_cache", "ActivationCache", "CacheSource", "norm_scale"]
 
 CACHE_ENV = "WSAE_CACHE_DIR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard manifests with sizes and SHA-256
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -68,10 +74,40 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _shard_ok(folder: Path, digest: str, s: int, lo: int, hi: int) -> bool:
+    """Whether ``folder`` is a complete, unaltered shard ``s`` (contexts ``lo:hi``) of cache ``digest``."""
+    try:
+        man = read_json(folder / "manifest.json", "activation-cache shard manifest")
+        if man.get("key_digest") != digest or man.get("shard") != s or man.get("contexts") != [lo, hi]:
+            return False
+        verify_files(folder, man.get("files"), f"activation-cache shard {s}")
+        return True
+    except (OSError, CorruptFileError, AttributeError):
+        return False
+
+
+def _check_build_args(lm: LM, contexts: Contexts, layers: Any, shard_contexts: Any, batch_size: Any, dtype: Any) -> list[int]:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    for name, v in (("shard_contexts", shard_contexts), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(contexts, Contexts) or contexts.tokens.ndim != 2 or contexts.tokens.size == 0:
+        raise ValueError("contexts must be non-empty Contexts from wsae_core.corpus.tokenize_contexts")
+    try:
+        out = sorted({int(l) for l in layers})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"layers must be a sequence of block indices, got {layers!r}") from err
+    bad = [l for l in out if not 0 <= l < lm.n_layers]
+    if not out or bad:
+        raise ValueError(f"layers must be a non-empty list of blocks in [0, {lm.n_layers - 1}] of {lm.name}, got {list(layers)!r}")
+    return out
 
 
 def build_activation_cache(
@@ -87,27 +123,31 @@ def build_activation_cache(
 ) -> "ActivationCache":
     """Run ``lm`` over ``contexts`` once and store the residual stream after every block in ``layers``.
 
-    Returns the existing cache untouched when one with the same key is complete (reuse); resumes
-    after the last complete shard when a previous build stopped mid-way (resume, with the shard size
-    of that build). One forward pass
-    per batch fills every layer (:func:`wsae_core.lm.capture_residuals`), stopping after the last
-    requested block.
+    Returns the existing cache when one with the same key is complete (reuse); resumes after the
+    complete shards when a previous build stopped mid-way, even by SIGKILL (resume, with the shard
+    size of that build). Every existing shard is checked against its manifest (sizes and SHA-256):
+    a truncated or altered shard is rebuilt, never read. One forward pass per batch fills every
+    layer (:func:`wsae_core.lm.capture_residuals`), stopping after the last requested block.
+
+    A NaN/Inf from the model stops the build with :class:`~wsae_core.checks.NonFiniteError` naming
+    the layer, context, position and dimension; a full disk raises ``OSError`` (``ENOSPC``) naming
+    the shard. In both cases the shards already written stay and a rerun resumes after them.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if shard_contexts < 1 or batch_size < 1:
-        raise ValueError(f"shard_contexts and batch_size must be positive, got {shard_contexts}, {batch_size}")
-    layers = sorted(int(l) for l in layers)
+    layers = _check_build_args(lm, contexts, layers, shard_contexts, batch_size, dtype)
     key = cache_key(lm.name, layers, contexts, dtype)
-    folder = cache_root(root) / "activations" / _digest(key)
+    digest = _digest(key)
+    folder = cache_root(root) / "activations" / digest
     meta_path = folder / "meta.json"
+    old = None
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key:
+        try:
+            old = read_json(meta_path, "activation-cache metadata")
+        except CorruptFileError:
+            old = None  # rewritten below; the shards are checked against their own manifests
+        if isinstance(old, dict) and old.get("key") not in (None, key):
             raise RuntimeError(f"cache folder {folder} holds a different key; delete it")
-        if meta.get("complete"):
-            return ActivationCache(folder)
-        shard_contexts = int(meta["shard_contexts"])  # resume with the shard size already on disk
+        if isinstance(old, dict) and isinstance(old.get("shard_contexts"), int) and old["shard_contexts"] > 0:
+            shard_contexts = old["shard_contexts"]  # resume with the shard size already on disk
     folder.mkdir(parents=True, exist_ok=True)
     n_ctx, T = contexts.tokens.shape
     n_shards = -(-n_ctx // shard_contexts)
@@ -123,30 +163,50 @@ def build_activation_cache(
         "titles": contexts.titles,
         "complete": False,
     }
-    if not meta_path.is_file():
-        _write_json(meta_path, meta)
     for tmp in folder.glob("shard_*.tmp"):
         shutil.rmtree(tmp)  # an incomplete shard from a crash: redo it
+    plan = [(s, s * shard_contexts, min(n_ctx, (s + 1) * shard_contexts)) for s in range(n_shards)]
+    todo = [(s, lo, hi) for s, lo, hi in plan if not _shard_ok(folder / f"shard_{s:05d}", digest, s, lo, hi)]
+    if not todo and isinstance(old, dict) and old.get("complete"):
+        return ActivationCache(folder, _verified=True)
+    write_json(meta_path, meta)
     t0 = time.perf_counter()
     computed = 0
-    for s in range(n_shards):
+    for s, lo, hi in todo:
         final = folder / f"shard_{s:05d}"
-        if final.is_dir():
-            continue
-        lo, hi = s * shard_contexts, min(n_ctx, (s + 1) * shard_contexts)
+        if final.exists():
+            if verbose:
+                print(f"shard {s + 1}/{n_shards} does not match its manifest: rebuilding it", flush=True)
+            shutil.rmtree(final)
         acts = {l: [] for l in layers}
         for b in range(lo, hi, batch_size):
             ids = torch.from_numpy(contexts.tokens[b : min(hi, b + batch_size)])
             out = capture_residuals(lm, ids, layers)
             for l in layers:
+                loc = nonfinite_location(out[l])
+                if loc is not None:
+                    (i, pos, dim), v = loc
+                    raise NonFiniteError(
+                        f"{lm.name} produced {v} in the residual stream after block {l} at context {b + i}, "
+                        f"position {pos}, dimension {dim} (shard {s}); nothing of this shard was written, "
+                        f"the {s} shard(s) before it are kept")
                 acts[l].append(out[l].reshape(-1, out[l].shape[-1]).cpu().numpy().astype(_DTYPES[dtype]))
         tmp = folder / f"shard_{s:05d}.tmp"
         tmp.mkdir()
-        np.save(tmp / "tokens.npy", contexts.tokens[lo:hi].astype(np.int32))
-        np.save(tmp / "doc_ids.npy", contexts.doc_ids[lo:hi].astype(np.int32))
-        np.save(tmp / "labels.npy", contexts.labels[lo:hi].astype(np.int16))
-        for l in layers:
-            np.save(tmp / f"layer_{l}.npy", np.concatenate(acts[l]))
+        arrays = {"tokens.npy": contexts.tokens[lo:hi].astype(np.int32),
+                  "doc_ids.npy": contexts.doc_ids[lo:hi].astype(np.int32),
+                  "labels.npy": contexts.labels[lo:hi].astype(np.int16),
+                  **{f"layer_{l}.npy": np.concatenate(acts[l]) for l in layers}}
+        try:
+            files = {name: write_bytes(tmp / name, _npy_bytes(a)) for name, a in arrays.items()}
+            write_json(tmp / "manifest.json", {"key_digest": digest, "shard": s, "contexts": [lo, hi], "files": files})
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the device while writing shard {s + 1}/{n_shards} "
+                              f"of the activation cache {folder}; the complete shards are kept and a rerun "
+                              f"resumes after them: free space and run again") from err
+            raise
         os.replace(tmp, final)
         computed += hi - lo
         if verbose:
@@ -159,21 +219,30 @@ def build_activation_cache(
         tokens_per_second=round(computed * T / seconds, 1) if computed else None,
         bytes=sum(f.stat().st_size for f in folder.rglob("*.npy")),
     )
-    _write_json(meta_path, meta)
-    return ActivationCache(folder)
+    write_json(meta_path, meta)
+    return ActivationCache(folder, _verified=True)
 
 
 class ActivationCache:
-    """Read side of a complete cache: memory-mapped shards, per-token metadata, shuffled batches."""
+    """Read side of a complete cache: memory-mapped shards, per-token metadata, shuffled batches.
 
-    def __init__(self, folder: str | Path):
+    Opening checks every shard's files against its manifest by size, and the token files by
+    SHA-256; each layer file is checked by SHA-256 and for NaN/Inf the first time it is read
+    (:class:`~wsae_core.checks.CorruptFileError` / :class:`~wsae_core.checks.NonFiniteError`, naming
+    the shard, file and row). ``build_activation_cache`` rebuilds what fails these checks.
+    """
+
+    def __init__(self, folder: str | Path, *, _verified: bool = False):
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no activation cache at {self.folder} (meta.json missing)")
-        self.meta = json.loads(meta_path.read_text())
-        if not self.meta.get("complete"):
+        self.meta = read_json(meta_path, "activation-cache metadata")
+        if not isinstance(self.meta, dict) or not self.meta.get("complete"):
             raise RuntimeError(f"activation cache {self.folder} is incomplete; rerun build_activation_cache to resume")
+        if self.meta.get("key", {}).get("version") != FORMAT_VERSION:
+            raise CorruptFileError(f"activation cache {self.folder} has format {self.meta.get('key', {}).get('version')}, "
+                                   f"this version reads {FORMAT_VERSION}: rerun build_activation_cache")
         self.layers: list[int] = self.meta["layers"]
         self.d_model: int = self.meta["d_model"]
         self.context_len: int = self.meta["context_len"]
@@ -181,6 +250,17 @@ class ActivationCache:
         self.titles: list[str] = self.meta["titles"]
         shards = [self.folder / f"shard_{s:05d}" for s in range(self.meta["n_shards"])]
         self._shards = shards
+        self._files: list[dict] = []
+        for s, shard in enumerate(shards):
+            what = f"activation-cache shard {s}"
+            if not (shard / "manifest.json").is_file():
+                raise CorruptFileError(f"{what} at {shard} is missing or has no manifest.json: rerun build_activation_cache")
+            man = read_json(shard / "manifest.json", what)
+            files = man.get("files") if isinstance(man, dict) else None  # verify_files refuses None
+            verify_files(shard, files, what, checksum=False)
+            verify_files(shard, files, what, names=["tokens.npy", "doc_ids.npy", "labels.npy"], checksum=not _verified)
+            self._files.append(files)
+        self._verified: set[tuple[int, int]] = {(s, l) for s in range(len(shards)) for l in self.layers} if _verified else set()
         self.tokens = np.concatenate([np.load(s / "tokens.npy") for s in shards]).astype(np.int64)
         self.doc_ids = np.concatenate([np.load(s / "doc_ids.npy") for s in shards]).astype(np.int64)
         self.labels = np.concatenate([np.load(s / "labels.npy") for s in shards]).astype(np.int64)
@@ -205,7 +285,25 @@ class ActivationCache:
         if layer not in self.layers:
             raise ValueError(f"layer must be one of the cached layers {self.layers}, got {layer}")
         if layer not in self._maps:
-            self._maps[layer] = [np.load(s / f"layer_{layer}.npy", mmap_mode="r") for s in self._shards]
+            maps = []
+            for s, shard in enumerate(self._shards):
+                name = f"layer_{layer}.npy"
+                if (s, layer) not in self._verified:
+                    verify_files(shard, self._files[s], f"activation-cache shard {s}", names=[name])
+                m = np.load(shard / name, mmap_mode="r")
+                if m.shape != (int(self._offsets[s + 1] - self._offsets[s]), self.d_model):
+                    raise CorruptFileError(f"{shard / name} has shape {m.shape}, expected "
+                                           f"({int(self._offsets[s + 1] - self._offsets[s])}, {self.d_model})")
+                if (s, layer) not in self._verified:
+                    loc = nonfinite_location(m)
+                    if loc is not None:
+                        row = int(self._offsets[s]) + loc[0][0]
+                        raise NonFiniteError(
+                            f"{shard / name} holds {loc[1]} at row {loc[0][0]} (context {row // self.context_len}, "
+                            f"position {row % self.context_len}, dimension {loc[0][1]}); rebuild the cache")
+                    self._verified.add((s, layer))
+                maps.append(m)
+            self._maps[layer] = maps
         return self._maps[layer]
 
     def token_indices(self, skip_first: int = 0, contexts: range | None = None) -> np.ndarray:
@@ -215,12 +313,17 @@ class ActivationCache:
         ctx = np.arange(n_ctx) if contexts is None else np.asarray(contexts, dtype=np.int64)
         if ctx.size == 0 or ctx.min() < 0 or ctx.max() >= n_ctx:
             raise ValueError(f"contexts must be a non-empty range within [0, {n_ctx}), got {contexts!r}")
+        if isinstance(skip_first, bool) or not isinstance(skip_first, Integral) or not 0 <= skip_first < self.context_len:
+            raise ValueError(f"skip_first must be an integer in [0, {self.context_len - 1}], got {skip_first!r}")
         pos = np.arange(skip_first, self.context_len)
         return (ctx[:, None] * self.context_len + pos[None, :]).ravel()
 
     def gather(self, layer: int, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (flat token indices, any order) of ``layer``'s activations: ``(len(index), d_model)``."""
         index = np.asarray(index, dtype=np.int64)
+        if index.ndim != 1 or (index.size and (index.min() < 0 or index.max() >= self.n_tokens)):
+            raise ValueError(f"index must be 1-D flat token indices in [0, {self.n_tokens}), got shape {index.shape}"
+                             + (f", range [{index.min()}, {index.max()}]" if index.size else ""))
         maps = self._layer_maps(layer)
         out = np.empty((index.size, self.d_model), dtype=np.float32)
         shard = np.searchsorted(self._offsets, index, side="right") - 1
@@ -240,6 +343,9 @@ class ActivationCache:
         contexts: range | None = None,
     ) -> Iterator[torch.Tensor]:
         """Shuffled batches ``(batch_size, d_model)``: a fresh seeded permutation across all shards each epoch."""
+        for name, v in (("batch_size", batch_size), ("epochs", epochs)):
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         index = self.token_indices(skip_first, contexts)
         rng = np.random.default_rng(seed)
         for _ in range(epochs):
@@ -269,7 +375,9 @@ class CacheSource:
 
     def __init__(self, cache: ActivationCache, layer: int, *, skip_first: int = 0, scale: float = 1.0,
                  contexts: range | None = None):
-        cache._layer_maps(layer)  # validates the layer
+        cache._layer_maps(layer)  # validates the layer, checks its files
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
         self.cache, self.layer, self.scale = cache, layer, float(scale)
         self.index = cache.token_indices(skip_first, contexts)
         self.n_p = cache.d_model
@@ -280,6 +388,8 @@ class CacheSource:
         return int(self.index.size)
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        if isinstance(batch, bool) or not isinstance(batch, Integral) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
         parts, need = [], int(batch)
         while need > 0:
             if self._perm is None or self._pos >= self._perm.size:
@@ -303,4 +413,7 @@ def norm_scale(x: torch.Tensor) -> float:
     x = torch.as_tensor(x).double()
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty (n, d_model) sample, got shape {tuple(x.shape)}")
+    check_finite(x, "x")
+    if not bool(x.abs().max() > 0):
+        raise ValueError("x is all zeros: there is no scale to normalise by")
     return float((x.pow(2).sum(1).mean() / x.shape[1]).sqrt())

@@ -15,6 +15,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from .checks import check_finite
+
 __all__ = [
     "VALUE_DISTRIBUTIONS",
     "check_sparsity",
@@ -100,6 +102,11 @@ def sample_sparse(
     return x.view(batch, n)
 
 
+def _check_generator(g) -> None:
+    if not isinstance(g, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(g).__name__}")
+
+
 def _bernoulli_positions(total: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
     """Sorted positions in ``range(total)`` of the successes of ``total`` Bernoulli(p) trials.
 
@@ -124,9 +131,13 @@ def _bernoulli_positions(total: int, p: float, g: torch.Generator, device: torch
 def superpose(x: torch.Tensor | np.ndarray, W_p: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``x_p = W_p x`` for a batch: ``x`` ``(batch, n)``, ``W_p`` ``(n_p, n)`` -> ``(batch, n_p)``."""
     x = torch.as_tensor(x)
+    if not x.is_floating_point():  # integer or boolean ground truth: W_p must not be rounded to its dtype
+        x = x.to(torch.float32)
     W = torch.as_tensor(W_p, dtype=x.dtype, device=x.device)
     if W.ndim != 2 or x.ndim not in (1, 2) or x.shape[-1] != W.shape[1]:
         raise ValueError(f"x must be (batch, {W.shape[-1]}) to match W_p of shape {tuple(W.shape)}, got {tuple(x.shape)}")
+    check_finite(W, "W_p")
+    check_finite(x, "x")
     return x @ W.T
 
 
@@ -281,6 +292,7 @@ class SparseSource:
 
     def sample_pair(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, x_p)`` with shapes ``(batch, n)`` and ``(batch, n_p)``."""
+        _check_generator(generator)
         x = sample_sparse(batch, self.n, self.S, generator=generator, values=self.values, dtype=self.W_p.dtype)
         return x, x @ self.W_p.T
 
@@ -294,11 +306,16 @@ class TensorSource:
 
     def __init__(self, acts: torch.Tensor):
         acts = torch.as_tensor(acts)
-        if acts.ndim != 2 or acts.shape[0] == 0:
+        if acts.ndim != 2 or acts.shape[0] == 0 or acts.shape[1] == 0:
             raise ValueError(f"acts must be a non-empty (N, d) matrix, got shape {tuple(acts.shape)}")
+        if not acts.is_floating_point():
+            raise TypeError(f"acts must hold floating-point activations, got dtype {acts.dtype}")
+        check_finite(acts, "acts", " (row = sample, column = dimension)")
         self.acts = acts
         self.n_p = acts.shape[1]
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        batch = _positive_int("batch", batch)
+        _check_generator(generator)
         idx = torch.randint(self.acts.shape[0], (batch,), generator=generator)
         return self.acts[idx]

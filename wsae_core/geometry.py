@@ -347,7 +347,7 @@ def check_gamma(gamma: Any, n_p: int) -> np.ndarray:
         raise ValueError(f"gamma must have shape ({n_p},) (one weight per dimension of x_p), got {g.shape}")
     bad = ~np.isfinite(g) | (g <= 0)
     if bad.any():
-        raise ValueError(f"gamma must be finite and positive, got {g[bad][0]!r} at index {int(np.flatnonzero(bad)[0])}")
+        raise ValueError(f"gamma must be finite and positive, got {float(g[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
     return g
 
 
@@ -479,7 +479,8 @@ def frobenius_gap(W_p: Any, gamma: Any = None, rescale: bool = True) -> float:
     n_p, n = A.shape
     g = np.ones(n_p) if gamma is None else check_gamma(gamma, n_p)
     M = A.T @ np.diag(g**2) @ A
-    t = np.trace(M) / (M * M).sum() if rescale else 1.0
+    # For M = 0 (e.g. W_p = 0) every factor gives ||-I||: take t = 0 instead of dividing 0 by 0.
+    t = (np.trace(M) / (M * M).sum() if (M * M).sum() > 0 else 0.0) if rescale else 1.0
     return float(np.linalg.norm(t * M - np.eye(n)))
 
 

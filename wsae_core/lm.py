@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,58 @@ def smollm2_location() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _locate(key: str, kwargs: dict[str, Any]) -> str:
+    """Where ``load_lm`` reads ``key`` from, checked before transformers is asked (which would retry
+    an unreachable or unknown hub id for most of a minute).
+
+    A local folder must hold ``config.json``; a hub id is taken from the local Hugging Face cache
+    when it is there (``local_files_only``), refused at once when ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE`` is set and it is not, and otherwise looked up once on the hub.
+    """
+    path = Path(key).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"a local model must be a directory saved with save_pretrained, got file {key!r}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{key} has no config.json: not a folder written by save_pretrained")
+        return str(path)
+    if not _HUB_ID.fullmatch(key) or key.startswith((".", "~")):
+        raise FileNotFoundError(f"local model directory {key!r} does not exist (and it is not a hub id "
+                                "like 'EleutherAI/pythia-160m')")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(key, "config.json"), str):
+        kwargs["local_files_only"] = True
+        return key
+    if _offline():
+        raise FileNotFoundError(f"model {key!r} is neither a local directory nor in the Hugging Face cache, "
+                                "and HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set: pass a local folder, or "
+                                "download it on a machine with hub access")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(key, timeout=10)
+    except GatedRepoError:
+        pass  # exists; transformers reports the missing access token itself
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(f"model {key!r} is not a local directory and does not exist on the Hugging Face "
+                                "hub (or is private)") from err
+    except Exception as err:  # network errors come from several libraries
+        raise ConnectionError(f"model {key!r} is not a local directory or in the Hugging Face cache, and the hub "
+                              f"cannot be reached ({type(err).__name__}: {err}); pass a local folder, or set "
+                              "HF_HUB_OFFLINE=1 once it is cached") from err
+    return key
+
+
 def load_lm(
     name_or_path: str | Path | None = None,
     *,
@@ -121,18 +175,25 @@ def load_lm(
     paper's model. Weights are kept in ``dtype`` (fp32 by default); on CUDA, forward passes run
     under bf16 autocast (:meth:`LM.autocast`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = torch.device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16...), got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    if name_or_path is not None and not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a hub id, a folder or None, got {type(name_or_path).__name__}")
     key = SMOLLM2 if name_or_path is None else str(name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if key.lower() in _SMOLLM2_ALIASES:
         folder, gguf = smollm2_location()
         source, kwargs["gguf_file"], name = str(folder), gguf, SMOLLM2
     else:
-        source, name = key, key
-        if Path(key).exists() and not Path(key).is_dir():
-            raise ValueError(f"a local model must be a directory saved with save_pretrained, got file {key!r}")
+        source, name = _locate(key, kwargs), key
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.eval().requires_grad_(False).to(device)

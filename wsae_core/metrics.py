@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .checks import check_finite
+
 __all__ = [
     "Matching",
     "match_latents",
@@ -32,11 +34,15 @@ __all__ = [
 def _np(a: Any, name: str, ndim: int) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().double().numpy()
-    A = np.asarray(a, dtype=np.float64)
+    try:
+        A = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a {ndim}-D array of real numbers, got {type(a).__name__}") from err
     if A.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {A.shape}")
-    if not np.all(np.isfinite(A)):
-        raise ValueError(f"{name} must be finite, got non-finite entries")
+    if A.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {A.shape}")
+    check_finite(A, name)
     return A
 
 
@@ -73,8 +79,11 @@ def match_latents(directions: Any, W_p: Any) -> Matching:
     return Matching(perm, cosines, float(cosines.mean()))
 
 
-def _matched(latents: Any, perm: np.ndarray) -> np.ndarray:
+def _matched(latents: Any, perm: Any) -> np.ndarray:
     L = _np(latents, "latents", 2)
+    perm = np.asarray(perm)
+    if perm.ndim != 1 or not (np.issubdtype(perm.dtype, np.integer) or perm.size == 0) or np.any(perm < -1):
+        raise ValueError(f"perm must be a 1-D integer array of latent indices (-1 = unmatched), got {perm!r}")
     out = np.zeros((L.shape[0], perm.size))
     ok = perm >= 0
     if np.any(perm >= L.shape[1]):
@@ -122,6 +131,8 @@ def feature_shrinkage(x: Any, latents: Any, perm: np.ndarray | None = None) -> n
     ``x_bi != 0``. 1 = recovered at full size, < 1 shrunk, 0 = vanished; NaN if never active."""
     X = _np(x, "x", 2)
     Xt = _np(latents, "latents", 2) if perm is None else _matched(latents, np.asarray(perm))
+    if Xt.shape != X.shape:
+        raise ValueError(f"matched latents must have shape {X.shape}, got {Xt.shape}")
     active = X != 0
     num = np.where(active, Xt, 0.0).sum(0)
     den = np.where(active, X, 0.0).sum(0)
@@ -133,16 +144,27 @@ def vanished_fraction(x: Any, latents: Any, perm: np.ndarray | None = None, tol:
     """Fraction of active coordinates (``x_bi != 0``) whose matched latent is ``<= tol``: the
     feature was present but the SAE reported nothing (the paper's *vanishing*)."""
     X = _np(x, "x", 2)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     Xt = _np(latents, "latents", 2) if perm is None else _matched(latents, np.asarray(perm))
+    if Xt.shape != X.shape:
+        raise ValueError(f"matched latents must have shape {X.shape}, got {Xt.shape}")
     active = X != 0
     return float((Xt[active] <= tol).mean()) if active.any() else 0.0
 
 
 def fvu(x_p: Any, x_hat: Any) -> float:
-    """Fraction of variance unexplained ``sum||x_p - x̂_p||² / sum||x_p - mean(x_p)||²``."""
+    """Fraction of variance unexplained ``sum||x_p - x̂_p||² / sum||x_p - mean(x_p)||²``, both ``(batch, n_p)``.
+
+    Undefined for a constant batch (no variance to explain): that raises instead of returning NaN."""
     A, B = _np(x_p, "x_p", 2), _np(x_hat, "x_hat", 2)
+    if A.shape != B.shape:
+        raise ValueError(f"x_p and x_hat must have the same shape, got {A.shape} and {B.shape}")
     den = ((A - A.mean(0)) ** 2).sum()
-    return float(((A - B) ** 2).sum() / den) if den > 0 else float("nan")
+    if not den > 0:
+        raise ValueError(f"x_p is constant over its {A.shape[0]} samples (zero variance): FVU is undefined; "
+                         "use a batch whose rows differ")
+    return float(((A - B) ** 2).sum() / den)
 
 
 def l0(latents: Any) -> float:
@@ -157,8 +179,8 @@ def dead_fraction(latents: Any) -> float:
 
 def dense_fraction(latents: Any, threshold: float = 0.5) -> float:
     """Fraction of latents that fire on more than ``threshold`` of the samples."""
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     return float(((_np(latents, "latents", 2) != 0).mean(0) > threshold).mean())
 
 
@@ -171,9 +193,20 @@ def evaluate_recovery(model: torch.nn.Module, x: torch.Tensor, W_p: Any) -> dict
     per-feature ratio), ``vanished``, ``l0``, ``dead``, ``dense``. Latents are matched to features
     by direction (:func:`match_latents`).
     """
-    W = torch.as_tensor(np.asarray(W_p), dtype=torch.float32)
+    Wd, xd = _np(W_p, "W_p", 2), _np(x, "x", 2)
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not all(hasattr(model, f) for f in ("encode", "decode", "feature_directions")):
+        raise TypeError(f"model must be an SAE built by wsae_core.models.build_sae, got {type(model).__name__}")
+    if Wd.shape[0] != cfg.n_p:
+        raise ValueError(f"W_p must have n_p = {cfg.n_p} rows (the model's input width), got shape {Wd.shape}")
+    if xd.shape[1] != Wd.shape[1]:
+        raise ValueError(f"x must have shape (batch, n = {Wd.shape[1]}) to match W_p {Wd.shape}, got {xd.shape}")
+    if xd.shape[0] < 2 or not np.ptp(xd @ Wd.T, axis=0).any():
+        raise ValueError(f"x must hold at least 2 samples whose x_p = W_p x differ (FVU needs variance), "
+                         f"got {xd.shape[0]} sample(s) with constant x_p")
+    W = torch.as_tensor(Wd, dtype=torch.float32)
     dev = next(model.parameters()).device
-    x = torch.as_tensor(x, dtype=torch.float32)
+    x = torch.as_tensor(xd, dtype=torch.float32)
     x_p = (x @ W.T).to(dev)
     lat = model.encode(x_p)
     rec = model.decode(lat)

@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .checks import check_finite
 
 __all__ = ["SAEKind", "SAEConfig", "ForwardOutput", "TheorySAE", "PracticalSAE", "build_sae", "dense_latents"]
 
@@ -77,7 +80,9 @@ class SAEConfig:
             raise ValueError(f"l1_coeff must be a finite number >= 0, got {self.l1_coeff!r}")
         if self.l1_coeff and self.kind != "relu":
             raise ValueError(f"l1_coeff is only used by kind 'relu', got {self.l1_coeff} for kind {self.kind!r}")
-        if not (isinstance(self.init_scale, Real) and math.isfinite(self.init_scale) and self.init_scale > 0):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.init_scale, bool) or not (isinstance(self.init_scale, Real) and math.isfinite(self.init_scale) and self.init_scale > 0):
             raise ValueError(f"init_scale must be a finite number > 0, got {self.init_scale!r}")
 
     def to_dict(self) -> dict:
@@ -122,6 +127,38 @@ def _weighted_sq_error(x_p: Tensor, x_hat: Tensor, gamma: Tensor | None) -> tupl
     return weighted.sum() / x_p.shape[0], fvu.detach()
 
 
+def _check_input(model: nn.Module, x_p, gamma=None):
+    """``x_p`` as a ``(batch, n_p)`` tensor in the weights' dtype and device, ``gamma`` as ``(n_p,)``.
+
+    NumPy arrays, lists and other real dtypes (float64, ints) are converted, as a user means them;
+    a wrong shape, a non-real dtype or a NaN/Inf raises an error naming the value and what was
+    expected (before any matrix product).
+    """
+    n_p = model.cfg.n_p
+    w = next(model.parameters())
+    if not isinstance(x_p, Tensor):
+        try:
+            x_p = torch.as_tensor(np.asarray(x_p, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"x_p must be a (batch, n_p = {n_p}) tensor or array of numbers, got {type(x_p).__name__}") from err
+    if x_p.dtype == torch.bool or x_p.is_complex():
+        raise TypeError(f"x_p must hold real numbers, got dtype {x_p.dtype}")
+    if x_p.ndim != 2 or x_p.shape[1] != n_p:
+        hint = f"; for one sample use x_p[None] (shape (1, {n_p}))" if x_p.ndim == 1 and x_p.shape[0] == n_p else ""
+        raise ValueError(f"x_p must have shape (batch, n_p = {n_p}), got {tuple(x_p.shape)}{hint}")
+    if x_p.shape[0] == 0:
+        raise ValueError(f"x_p must hold at least one sample, got shape {tuple(x_p.shape)}")
+    if x_p.dtype != w.dtype or x_p.device != w.device:
+        x_p = x_p.to(device=w.device, dtype=w.dtype)
+    check_finite(x_p, "x_p")
+    if gamma is not None:
+        gamma = torch.as_tensor(gamma, device=w.device)
+        if gamma.shape != (n_p,):
+            raise ValueError(f"gamma must have shape (n_p,) = ({n_p},), got {tuple(gamma.shape)}")
+        gamma = gamma.to(w.dtype)
+    return x_p, gamma
+
+
 def _random_rows(n_rows: int, n_cols: int, scale: float, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(int(seed))
     W = torch.randn(n_rows, n_cols, generator=g)
@@ -144,6 +181,7 @@ class TheorySAE(nn.Module):
 
     def encode(self, x_p: Tensor) -> Tensor:
         """Dense latents ``relu(x_p W_mᵀ)``: ``(batch, n_p) -> (batch, n_m)``."""
+        x_p, _ = _check_input(self, x_p)
         return torch.relu(x_p @ self.W_m.T)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -154,7 +192,8 @@ class TheorySAE(nn.Module):
         return self.W_m.detach()
 
     def forward(self, x_p: Tensor, gamma: Tensor | None = None) -> ForwardOutput:
-        lat = self.encode(x_p)
+        x_p, gamma = _check_input(self, x_p, gamma)
+        lat = torch.relu(x_p @ self.W_m.T)
         rec = self.decode(lat)
         recon, fvu = _weighted_sq_error(x_p, rec, gamma)
         zero = recon.new_zeros(())
@@ -305,6 +344,7 @@ class PracticalSAE(nn.Module):
 
     def encode(self, x_p: Tensor) -> Tensor:
         """Dense latents ``(batch, n_m)`` (for metrics; Top-k values scattered into zeros)."""
+        x_p, _ = _check_input(self, x_p)
         pre = torch.addmm(self._bias(), x_p, self.W_enc.T)
         if self.cfg.kind == "relu":
             return pre.relu()
@@ -319,6 +359,7 @@ class PracticalSAE(nn.Module):
         return self.W_dec.detach()
 
     def forward(self, x_p: Tensor, gamma: Tensor | None = None) -> ForwardOutput:
+        x_p, gamma = _check_input(self, x_p, gamma)
         cfg = self.cfg
         if cfg.kind == "relu":
             use_fused = (self.fused and x_p.dtype == torch.float32 and self.W_enc.dtype == torch.float32

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -32,12 +34,18 @@ import torch
 # afterwards, so it is set here, before the first parallel operation of a training run.
 torch.set_flush_denormal(True)
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save  # noqa: E402
+
+from .checks import (  # noqa: E402
+    CorruptFileError, NonFiniteError, check_finite, nonfinite_location, read_json, verify_files, write_bytes, write_json)
 
 from .models import SAEConfig, build_sae  # noqa: E402
 from .weights import validate_gamma  # noqa: E402
 
 __all__ = ["TrainConfig", "Trainer", "save_sae", "load_sae", "lr_at"]
+
+#: A loss this many times its scale at the first step of ``fit`` means the run diverged.
+_DIVERGED = 1e4
 
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -90,7 +98,7 @@ class TrainConfig:
     """Write a checkpoint every this many steps (0 = never); needs ``checkpoint_dir``."""
 
     checkpoint_dir: str | None = None
-    """Folder for checkpoints (overwritten in place, atomically)."""
+    """Folder for checkpoints (each one replaces the previous atomically; see :meth:`Trainer.save_checkpoint`)."""
 
     progress: bool | None = None
     """Show a tqdm bar; None = only on an interactive terminal and not when ``CI`` is set."""
@@ -104,22 +112,31 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every"):
             _check_int(name, getattr(self, name), 0)
         _check_int("seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be <= steps = {self.steps} (the warm-up is part of the run), "
+                             f"got {self.warmup_steps}")
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
         if not (isinstance(self.lr, Real) and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {self.decay!r}")
-        if not (isinstance(self.final_lr_ratio, Real) and 0 <= self.final_lr_ratio <= 1):
+        if isinstance(self.final_lr_ratio, bool) or not (isinstance(self.final_lr_ratio, Real) and 0 <= self.final_lr_ratio <= 1):
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            if not (isinstance(v, Real) and 0 <= v < 1):
+            if isinstance(v, bool) or not (isinstance(v, Real) and 0 <= v < 1):
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir):
+                raise ValueError(f"checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}")
+            self.checkpoint_dir = str(self.checkpoint_dir)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(f"checkpoint_every = {self.checkpoint_every} needs a checkpoint_dir, got None")
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -145,28 +162,159 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- save / load
+#
+# Nothing written here runs code when read: tensors go to safetensors, everything else to JSON.
+# Every folder's cfg.json lists its files with size and SHA-256 ("files"), checked before reading.
+
+#: cfg.json keys that save_sae writes itself (``extra`` may not use them).
+_RESERVED = ("sae", "wsae", "files", "format", "train")
+_SAVE_FORMAT = 2
+_STEP_DIR = re.compile(r"step_\d{8}_[0-9a-f]{8}")
 
 
-def save_sae(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``cfg.json`` (the SAEConfig, plus ``extra``) into folder ``path``."""
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise CorruptFileError(f"{path} ({what}) is not a valid safetensors file: {err}") from err
+
+
+def _write_folder(folder: Path, model: torch.nn.Module, meta: dict, gamma: torch.Tensor | None,
+                  state: tuple[dict, dict] | None = None) -> None:
+    """``model.safetensors`` (weights + ``gamma``), optionally ``state.safetensors`` + ``state.json``,
+    then ``cfg.json`` = ``meta`` + the files' manifest, written last: a folder with a cfg.json is complete."""
+    tensors = dict(model.state_dict())
+    if gamma is not None:
+        tensors["gamma"] = gamma
+    files = {"model.safetensors": write_bytes(folder / "model.safetensors", _tensor_bytes(tensors))}
+    if state is not None:
+        files["state.safetensors"] = write_bytes(folder / "state.safetensors", _tensor_bytes(state[0]))
+        files["state.json"] = write_json(folder / "state.json", state[1])
+    write_json(folder / "cfg.json", {**meta, "format": _SAVE_FORMAT, "files": files})
+
+
+def save_sae(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None, *,
+             gamma: Any = None, gamma_rule: str | None = None, alpha: float | None = None) -> Path:
+    """Write ``model.safetensors`` and ``cfg.json`` into folder ``path``.
+
+    ``cfg.json`` holds the :class:`~wsae_core.models.SAEConfig` (``sae``), the WSAE weights' rule
+    (``wsae``: ``{"rule", "alpha"}``, null for a plain SAE), the files' sizes and SHA-256 (``files``)
+    and the JSON-able ``extra``. Γ itself, ``gamma`` ``(n_p,)``, is stored beside the weights, so
+    :func:`load_sae` gives it back (``gamma_rule``: e.g. ``"variance"`` with its ``alpha``; default
+    ``"custom"``). Replacing an earlier save first removes its ``cfg.json``: a run killed while saving
+    leaves a folder that :func:`load_sae` reports as incomplete, never a mix of two saves.
+    """
+    if not hasattr(model, "cfg") or not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an SAE built by build_sae, got {type(model).__name__}")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra must not use the keys {list(_RESERVED)} (written by save_sae), got {clash}")
+    if gamma is None and (gamma_rule is not None or alpha is not None):
+        raise ValueError(f"gamma_rule = {gamma_rule!r} and alpha = {alpha!r} describe a WSAE: pass its gamma too")
+    g = None if gamma is None else validate_gamma(gamma, model.cfg.n_p)
+    wsae = None if g is None else {"rule": "custom" if gamma_rule is None else str(gamma_rule),
+                                   "alpha": None if alpha is None else float(alpha)}
+    try:
+        meta = json.loads(json.dumps({"sae": model.cfg.to_dict(), "wsae": wsae, **extra}, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"extra must be JSON-serialisable with finite numbers: {err}") from err
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; save_sae writes a folder")
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / "model.safetensors"))
-    cfg = {"sae": model.cfg.to_dict(), **(extra or {})}
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (path / "cfg.json").unlink(missing_ok=True)
+    _write_folder(path, model, meta, g)
     return path
 
 
-def load_sae(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild an SAE saved by :func:`save_sae` (or a trainer checkpoint) from folder ``path``."""
+def _resolve_checkpoint(path: Path) -> Path | None:
+    """The step folder named by ``path/checkpoint.json`` (None if there is none)."""
+    pointer = path / "checkpoint.json"
+    if not pointer.is_file():
+        return None
+    ptr = read_json(pointer, "trainer checkpoint pointer")
+    name = ptr.get("folder") if isinstance(ptr, dict) else None
+    if not isinstance(name, str) or not _STEP_DIR.fullmatch(name):
+        raise CorruptFileError(f"{pointer} must name a step folder like 'step_00000040_0123abcd', got {name!r}")
+    return path / name
+
+
+def _read_saved(path: str | os.PathLike, what: str) -> tuple[Path, dict]:
+    """``(folder, cfg)`` of a save_sae folder or a trainer checkpoint, cfg.json parsed and checked."""
     path = Path(path)
-    for name in ("cfg.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: expected a folder written by save_sae")
-    cfg = json.loads((path / "cfg.json").read_text())
-    model = build_sae(SAEConfig(**cfg["sae"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    if not path.is_dir():
+        writer = "Trainer.save_checkpoint" if what == "trainer checkpoint" else "save_sae"
+        raise FileNotFoundError(f"{path} does not exist or is not a folder: expected a folder with cfg.json "
+                                f"and model.safetensors written by {writer}")
+    if (path / "state.pt").is_file():
+        raise CorruptFileError(f"{path / 'state.pt'} is a pickle (an old checkpoint format); pickles can run "
+                               "code when loaded and are never read here: train again, or re-save it from a "
+                               "trusted copy")
+    folder = _resolve_checkpoint(path) or path
+    cfg_path = folder / "cfg.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {folder} is not a complete {what} (never written, "
+                                "or its writing was interrupted); save it again")
+    cfg = read_json(cfg_path, what)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("sae"), dict):
+        raise CorruptFileError(f"{cfg_path} must be a JSON object with an 'sae' object (the SAEConfig), "
+                               f"got {str(cfg)[:200]}")
+    return folder, cfg
+
+
+def _sae_config(cfg: dict, where: Path) -> SAEConfig:
+    known = {f.name for f in fields(SAEConfig)}
+    unknown = sorted(set(cfg["sae"]) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown SAEConfig field(s) {unknown}; expected fields among {sorted(known)}")
+    try:
+        return SAEConfig(**cfg["sae"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid SAEConfig {cfg['sae']}: {err}") from err
+
+
+def load_sae(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild an SAE saved by :func:`save_sae` (or a trainer checkpoint) from folder ``path``.
+
+    The weights are checked against the manifest (size, SHA-256), the config (known fields, valid
+    values), the model's parameter names and shapes, and for NaN/Inf; each failure names the file
+    and what was expected. The returned model carries ``gamma`` (Γ ``(n_p,)`` on the CPU, None for a
+    plain SAE) and ``gamma_rule`` (``{"rule", "alpha"}`` or None), so a WSAE is told from an SAE.
+    Folders from before manifests existed (no ``files``) are read with safetensors' own checks.
+    """
+    folder, cfg = _read_saved(path, "saved SAE")
+    if "files" in cfg:
+        verify_files(folder, cfg["files"], "saved SAE", names=["model.safetensors"])
+    elif not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder / 'model.safetensors'} not found: expected a folder written by save_sae")
+    sae_cfg = _sae_config(cfg, folder / "cfg.json")
+    model = build_sae(sae_cfg)
+    tensors = _read_tensors(folder / "model.safetensors", "SAE weights")
+    gamma = tensors.pop("gamma", None)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if set(got) != set(expected):
+        raise ValueError(f"{folder / 'model.safetensors'} holds tensors {sorted(got)}, but a {sae_cfg.kind!r} SAE "
+                         f"has {sorted(expected)} (missing {sorted(set(expected) - set(got))}, unexpected "
+                         f"{sorted(set(got) - set(expected))})")
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise ValueError(f"{folder / 'model.safetensors'}: {k} has shape {got[k]}, but the config "
+                             f"(n_p = {sae_cfg.n_p}, n_m = {sae_cfg.n_m}) needs {shape}")
+        check_finite(tensors[k], k, f" in {folder / 'model.safetensors'}")
+    model.load_state_dict(tensors)
+    wsae = cfg.get("wsae")
+    if gamma is not None:
+        gamma = validate_gamma(gamma, sae_cfg.n_p)
+    if (gamma is None) != (wsae is None) and "files" in cfg:
+        raise CorruptFileError(f"{folder}: cfg.json's 'wsae' ({wsae!r}) and the stored gamma "
+                               f"({'present' if gamma is not None else 'absent'}) disagree")
+    model.gamma, model.gamma_rule = gamma, wsae
     return model.to(device)
 
 
@@ -213,8 +361,17 @@ class Trainer:
 
     def fit(self, until: int | None = None) -> list[dict]:
         """Train from the current step to ``cfg.steps`` (or stop after step ``until``, which is
-        how the tests simulate an interruption). Returns ``history``."""
+        how the tests simulate an interruption). Returns ``history``.
+
+        A NaN/Inf loss or gradient, or a loss that has grown to ``1e4`` times its scale at the first
+        step of this call (the larger of the loss then and the loss of predicting 0: a diverging run),
+        stops training at once with :class:`~wsae_core.checks.NonFiniteError` naming the step, the
+        quantity and, if the batch was the cause, the row and column that was not finite; the
+        optimiser step is not taken.
+        """
         cfg = self.cfg
+        if until is not None and (isinstance(until, bool) or not isinstance(until, Integral) or until < 0):
+            raise ValueError(f"until must be None or an integer >= 0, got {until!r}")
         stop = cfg.steps if until is None else min(int(until), cfg.steps)
         show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
         from tqdm.auto import tqdm
@@ -224,6 +381,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", leave=False)
         model, opt = self.model, self.optimizer
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        first, start = 0.0, self.step
         before = getattr(model, "before_step", None)
         after = getattr(model, "after_step", None)
         try:
@@ -232,10 +391,26 @@ class Trainer:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x_p = self.data.sample(cfg.batch_size, self.generator).to(self.device, non_blocking=True)
+                if nonfinite_location(x_p) is not None:
+                    raise self._nonfinite(None, x_p)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
                     out = model(x_p, self.gamma)
+                loss = float(out.loss.detach())
+                if not math.isfinite(loss):
+                    raise self._nonfinite(f"the loss is {loss}", x_p)
+                if not first:  # the yardstick: the larger of the first loss and that of predicting 0
+                    w2 = 1.0 if self.gamma is None else self.gamma.pow(2)
+                    first = max(loss, float((x_p.detach().float().pow(2) * w2).sum(1).mean()))
+                elif loss > _DIVERGED * first:
+                    raise self._nonfinite(f"the loss is {loss:.4g}, {loss / first:.3g} times its scale {first:.4g} at "
+                                          f"step {start}", x_p)
                 out.loss.backward()
+                for name, p in named:  # a NaN/Inf anywhere in a gradient makes its sum non-finite
+                    if p.grad is not None and not math.isfinite(float(p.grad.sum())):
+                        loc = nonfinite_location(p.grad)
+                        value = f"{loc[1]} at {list(loc[0])}" if loc else f"entries summing to {float(p.grad.sum())}"
+                        raise self._nonfinite(f"the gradient of {name} has {value}", x_p)
                 if before is not None:
                     before()
                 opt.step()
@@ -255,57 +430,143 @@ class Trainer:
             torch.set_num_threads(threads)
         return self.history
 
+    def _nonfinite(self, what: str | None, x_p: torch.Tensor) -> NonFiniteError:
+        """The error for a NaN/Inf at this step: the batch (``what`` None) or which quantity.
+        Raised before the optimiser step, so the weights and the last checkpoint stay finite."""
+        loc = nonfinite_location(x_p)
+        if loc is not None:
+            what = (f"the batch from the data source ({type(self.data).__name__}) has {loc[1]} at row {loc[0][0]}, "
+                    f"column {loc[0][1]}")
+        else:
+            what += f" (the batch is finite: the run diverged or overflowed; lower lr, now {self.cfg.lr:g})"
+        last = getattr(self, "_checkpoint_step", None)
+        kept = (f"; the last checkpoint (step {last}, in {self.cfg.checkpoint_dir}) is intact" if last is not None
+                else "; no checkpoint was written")
+        return NonFiniteError(f"step {self.step}: {what}; training stopped with the weights of step {self.step}{kept}")
+
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for ``dead_steps`` steps (or since the start)."""
         horizon = min(self.cfg.dead_steps, max(self.step, 1))
         return float((self.steps_since_fired >= horizon).float().mean())
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Everything needed for an exact resume, written atomically into folder ``path``."""
+        """Everything needed for an exact resume, in folder ``path``: safetensors + JSON, no pickle.
+
+        ``path/checkpoint.json`` names the current step folder ``step_<step>_<id>/`` holding
+        ``cfg.json`` (configs + the files' sizes and SHA-256), ``model.safetensors`` (weights, Γ),
+        ``state.safetensors`` (Adam's moment tensors, RNG states, dead-latent counters) and
+        ``state.json`` (step, history, optimiser hyper-parameters). A new checkpoint goes into a new
+        step folder; replacing ``checkpoint.json`` (atomic) commits it, and only then are older step
+        folders deleted. A run killed at any moment, or a full disk, leaves the last committed
+        checkpoint intact.
+        """
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_sae(self.model, tmp, extra={"train": asdict(self.cfg)})
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "steps_since_fired": self.steps_since_fired,
-            "history": self.history,
-            "gamma": None if self.gamma is None else self.gamma.cpu(),
-        }
-        torch.save(state, tmp / "state.pt")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file; a trainer checkpoint is a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        name = f"step_{self.step:08d}_{secrets.token_hex(4)}"
+        folder = path / name
+        folder.mkdir()
+        tensors, state = self._state()
+        wsae = None if self.gamma is None else {"rule": "custom", "alpha": None}
+        meta = {"sae": self.model.cfg.to_dict(), "wsae": wsae, "train": asdict(self.cfg)}
+        try:
+            _write_folder(folder, self.model, meta, self.gamma, state=(tensors, state))
+            write_json(path / "checkpoint.json", {"format": _SAVE_FORMAT, "step": self.step, "folder": name})
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        for old in path.iterdir():  # superseded steps, and leftovers of runs killed mid-write
+            if old.name != name and (_STEP_DIR.fullmatch(old.name) or old.name.startswith(".checkpoint.json.tmp")):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        self._checkpoint_step = self.step
         return path
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, data: Any, **overrides: Any) -> "Trainer":
         """Resume from a folder written by :meth:`save_checkpoint`. ``overrides`` replace
-        TrainConfig fields that do not change the maths (``progress``, ``checkpoint_dir``, ...)."""
-        path = Path(path)
-        if not (path / "state.pt").is_file():
-            raise FileNotFoundError(f"{path / 'state.pt'} not found: not a trainer checkpoint")
-        meta = json.loads((path / "cfg.json").read_text())
-        train = {f.name: meta["train"][f.name] for f in fields(TrainConfig) if f.name in meta["train"]}
-        train.update(overrides)
-        cfg = TrainConfig(**train)
-        state = torch.load(path / "state.pt", weights_only=False)
-        model = load_sae(path)
-        trainer = cls(model, data, cfg, gamma=state["gamma"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        trainer.step = int(state["step"])
-        trainer.steps_since_fired = state["steps_since_fired"]
-        trainer.history = list(state["history"])
+        TrainConfig fields that do not change the maths (``progress``, ``checkpoint_dir``, ...).
+
+        Every file is checked against the manifest (size, SHA-256) before it is read, tensors are
+        read with safetensors and the rest is JSON: a truncated, altered or crafted file (a pickle
+        included) is refused with :class:`~wsae_core.checks.CorruptFileError`, never executed.
+        """
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"overrides must be TrainConfig fields, got unknown {unknown}")
+        folder, meta = _read_saved(path, "trainer checkpoint")
+        verify_files(folder, meta.get("files"), "trainer checkpoint",
+                     names=["model.safetensors", "state.safetensors", "state.json"])
+        stored = meta.get("train")
+        if not isinstance(stored, dict):
+            raise CorruptFileError(f"{folder / 'cfg.json'} has no 'train' object (the TrainConfig)")
+        cfg = TrainConfig(**{**{k: v for k, v in stored.items() if k in known}, **overrides})
+        tensors = _read_tensors(folder / "state.safetensors", "trainer state")
+        state = read_json(folder / "state.json", "trainer state")
+        model = load_sae(folder)
+        trainer = cls(model, data, cfg, gamma=model.gamma)
+        try:
+            trainer._restore(tensors, state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CorruptFileError(f"trainer checkpoint at {folder}: state does not fit this model and "
+                                   f"optimiser: {err!r}") from err
         return trainer
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, json)`` of everything besides the weights that a bitwise resume needs."""
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {
+            "rng.generator": self.generator.get_state(),
+            "rng.torch": torch.get_rng_state(),
+            "steps_since_fired": self.steps_since_fired,
+        }
+        if torch.cuda.is_available():
+            for j, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{j}"] = s
+        scalars: dict[str, dict[str, Any]] = {}
+        for i, entry in opt["state"].items():
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optimizer.state.{i}.{k}"] = v
+                else:
+                    scalars.setdefault(str(i), {})[k] = v
+        state = {"step": self.step, "history": self.history,
+                 "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
+        return tensors, state
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, v in tensors.items():
+            if not key.startswith("optimizer.state."):
+                continue
+            i, name = key[len("optimizer.state."):].split(".", 1)
+            i = int(i)
+            if not 0 <= i < len(params) or (v.ndim and v.shape != params[i].shape):
+                raise ValueError(f"{key} has shape {tuple(v.shape)}, no parameter of that shape at index {i}")
+            opt_state.setdefault(i, {})[name] = v
+        for i, entry in state["optimizer"]["scalars"].items():
+            opt_state.setdefault(int(i), {}).update(entry)
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        fired = tensors["steps_since_fired"]
+        if fired.shape != self.steps_since_fired.shape:
+            raise ValueError(f"steps_since_fired has shape {tuple(fired.shape)}, expected {tuple(self.steps_since_fired.shape)}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.cfg.steps:
+            raise ValueError(f"step must be an integer in [0, {self.cfg.steps}], got {step!r}")
+        if not isinstance(state["history"], list):
+            raise ValueError(f"history must be a list, got {type(state['history']).__name__}")
+        self.step, self._checkpoint_step = step, step
+        self.steps_since_fired = fired.long()
+        self.history = list(state["history"])
 
     # -- internals --------------------------------------------------------------------------
 

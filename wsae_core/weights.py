@@ -18,12 +18,14 @@ every rule).
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .checks import check_finite
 
 __all__ = [
     "GammaRule",
@@ -71,9 +73,9 @@ def normalise_gamma(gamma: Any) -> Tensor:
 
 def uniform_gamma(n_p: int) -> Tensor:
     """γ = 1: the plain SAE loss."""
-    if isinstance(n_p, bool) or not isinstance(n_p, int) or n_p <= 0:
+    if isinstance(n_p, bool) or not isinstance(n_p, Integral) or n_p <= 0:
         raise ValueError(f"n_p must be a positive integer, got {n_p!r}")
-    return torch.ones(n_p)
+    return torch.ones(int(n_p))
 
 
 def variance_gamma(x_p: Any, alpha: float) -> Tensor:
@@ -84,9 +86,13 @@ def variance_gamma(x_p: Any, alpha: float) -> Tensor:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    X = torch.as_tensor(x_p).double()
+    try:
+        X = torch.as_tensor(x_p if isinstance(x_p, Tensor) else np.asarray(x_p, dtype=np.float64)).double()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"x_p must be a (batch, n_p) array of numbers, got {type(x_p).__name__}") from err
     if X.ndim != 2 or X.shape[0] < 2:
         raise ValueError(f"x_p must be a (batch, n_p) sample with batch >= 2, got shape {tuple(X.shape)}")
+    check_finite(X, "x_p", " (the variance rule needs finite activations)")
     var = X.var(dim=0)
     if not (var > 0).all():
         i = int((var <= 0).nonzero()[0])
@@ -124,9 +130,12 @@ def make_gamma(rule: GammaRule, *, n_p: int, alpha: float = 1.0, x_p: Any = None
 
 
 def wsae_loss(x_p: Tensor, x_hat: Tensor, gamma: Tensor | None = None) -> Tensor:
-    """``E||Γ(x_p - x̂_p)||²``: sum over the ``n_p`` dimensions, mean over the batch; γ None = plain SAE."""
-    if x_p.shape != x_hat.shape:
-        raise ValueError(f"x_p and x_hat must have the same shape, got {tuple(x_p.shape)} and {tuple(x_hat.shape)}")
+    """``E||Γ(x_p - x̂_p)||²``: sum over the ``n_p`` dimensions, mean over the batch; γ None = plain SAE.
+
+    ``x_p``, ``x_hat``: ``(batch, n_p)`` tensors or arrays."""
+    x_p, x_hat = torch.as_tensor(x_p), torch.as_tensor(x_hat)
+    if x_p.ndim != 2 or x_p.shape != x_hat.shape:
+        raise ValueError(f"x_p and x_hat must have the same shape (batch, n_p), got {tuple(x_p.shape)} and {tuple(x_hat.shape)}")
     sq = (x_p - x_hat).pow(2)
     if gamma is not None:
         sq = sq * validate_gamma(gamma, x_p.shape[-1]).to(sq.device, sq.dtype).pow(2)

@@ -9,6 +9,8 @@ import json
 import sys
 import time
 
+from . import output_file, positive_int
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -25,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=["synthetic", "theory", "lm", "interp"])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None,
                         help="run size (default: WSAE_PROFILE or 'book')")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, <= 4)")
-    parser.add_argument("--out", default=None, help="write all records as JSON to this file")
+    parser.add_argument("--workers", type=positive_int, default=None, help="worker processes (default: CPU count, <= 4)")
+    parser.add_argument("--out", type=output_file, default=None, help="write all records as JSON to this file")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.experiment == "synthetic":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..profile import Profile, current_profile, pick
+from . import int_at_least, output_file
 
 __all__ = ["METHODS", "CONTROL", "METRICS", "variance_diagnostics", "LMSpec", "spec_for", "run_lm", "load_or_run", "results_path", "table",
            "markdown_table", "paper_markdown_table", "describe", "layers_markdown", "paired_summary", "PAPER_TABLE1", "save_results", "main"]
@@ -117,6 +119,18 @@ class LMSpec:
             raise ValueError("layers must name at least one block")
         if self.n_splice_contexts > self.n_eval_contexts:
             raise ValueError(f"n_splice_contexts ({self.n_splice_contexts}) must be <= n_eval_contexts ({self.n_eval_contexts})")
+        from . import check_spec
+
+        check_spec(self, {"context_len": 2, "n_train_contexts": 1, "n_eval_contexts": 1, "n_splice_contexts": 1,
+                          "expansion": 1, "k": 1, "steps": 1, "batch_size": 1, "seed": 0, "skip_first": 0,
+                          "n_top": 1, "min_examples": 1, "coherence_latents": 1, "coherence_top": 1,
+                          "coherence_random": 1, "lm_batch_size": 1})
+        if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in self.layers):
+            raise ValueError(f"layers must be block indices >= 0, got {list(self.layers)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not 0 <= self.skip_first < self.context_len - 1:
             raise ValueError(f"skip_first must be in [0, {self.context_len - 2}], got {self.skip_first}")
 
@@ -204,15 +218,19 @@ def _codes(sae, x, device, batch: int = 4096):
 
 def _load_trained(folder: Path, train_key: dict):
     """``(sae, train_seconds)`` saved in ``folder`` under the same ``train_key``, else ``(None, 0)``."""
+    from ..checks import CorruptFileError
     from ..train import load_sae
 
     cfg_path = folder / "cfg.json"
     if not cfg_path.is_file():
-        return None, 0.0
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("train_key") != json.loads(json.dumps(train_key)):
-        return None, 0.0
-    return load_sae(folder), float(meta.get("train_seconds", 0.0))
+        return None, 0.0  # never saved, or a save interrupted before its cfg.json (the commit point)
+    try:
+        meta = json.loads(cfg_path.read_text())
+        if meta.get("train_key") != json.loads(json.dumps(train_key)):
+            return None, 0.0
+        return load_sae(folder), float(meta.get("train_seconds", 0.0))
+    except (CorruptFileError, ValueError, OSError):
+        return None, 0.0  # truncated or altered: train it again
 
 
 def variance_diagnostics(x, q: float = 0.001) -> dict[str, float]:
@@ -358,8 +376,8 @@ def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, 
                     Trainer(sae, src, cfg, gamma=gamma).fit()
                 train_s = time.perf_counter() - t
                 save_sae(sae, sae_dir, extra={"train_key": train_key, "train_seconds": train_s, "scale": scale,
-                                              "layer": layer, "model": lm.name,
-                                              "gamma": None if gamma is None else gamma.tolist()})
+                                              "layer": layer, "model": lm.name},
+                         gamma=gamma, gamma_rule=None if gamma is None else "variance", alpha=alpha if gamma is not None else None)
             timings["train"] += time.perf_counter() - t
             sae = sae.to(dev).eval()
 
@@ -584,14 +602,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--model", default=None, help="override the profile's model (hub id or folder)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None, help="results JSON (default: book/results/lm_sweep_<profile>.json)")
+    parser.add_argument("--layers", type=int_at_least(0, "a block index (integer >= 0)"), nargs="+", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="results JSON (default: book/results/lm_sweep_<profile>.json)")
     args = parser.parse_args(argv)
     profile = args.profile or current_profile()
     over = {k: v for k, v in (("model", args.model), ("device", args.device),
                               ("layers", tuple(args.layers) if args.layers else None)) if v is not None}
-    results = run_lm(spec_for(profile, **over))
+    try:
+        spec = spec_for(profile, **over)
+    except ValueError as err:
+        parser.error(str(err))
+    if spec.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {spec.device}: CUDA is not available on this machine")
+    results = run_lm(spec)
     out = save_results(results, args.out or results_path(profile))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
     return 0

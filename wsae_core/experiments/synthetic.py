@@ -75,6 +75,12 @@ class SyntheticSpec:
         bad = [m for m in self.models if m not in ("theory", "topk")]
         if bad:
             raise ValueError(f"models must be 'theory' and/or 'topk', got {bad}")
+        from . import check_spec
+
+        check_spec(self, {"n": 1, "n_p": 1, "n_m": 1, "W_p_seed": 0, "steps": 1, "batch_size": 1, "eval_samples": 2},
+                   self.S_grid, self.seeds)
+        if not self.S_grid or not self.seeds or not self.methods or not self.models:
+            raise ValueError("S_grid, seeds, methods and models must each name at least one value")
 
 
 def spec_for(profile: Profile | None = None, **overrides: Any) -> SyntheticSpec:

@@ -68,6 +68,18 @@ class TheorySpec:
     eval_samples: int = 8192
     """Held-out samples for the metrics."""
 
+    def __post_init__(self):
+        from . import check_spec
+
+        bad = [c for c in self.configs if c not in CONFIGS]
+        if bad or not self.configs:
+            raise ValueError(f"configs must be a non-empty selection of {sorted(CONFIGS)}, got {list(self.configs)}")
+        check_spec(self, {"steps": 1, "batch_size": 1, "eval_samples": 2}, self.S_grid, self.seeds)
+        if not self.S_grid or not self.seeds:
+            raise ValueError("S_grid and seeds must each name at least one value")
+        if not self.latent_ratios or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.latent_ratios):
+            raise ValueError(f"latent_ratios must be integers >= 1, got {list(self.latent_ratios)}")
+
 
 def spec_for(profile: Profile | None = None, **overrides: Any) -> TheorySpec:
     """``ci`` (seconds), ``book`` (about a minute on 2 cores), ``paper`` (more seeds and steps)."""
