@@ -29,17 +29,21 @@ def test_baseline_explainer_names_the_token_its_bigram_and_the_topic():
     tokens = rng.integers(1, len(VOCAB), size=(40, 12))
     labels = np.zeros_like(tokens)
     labels[:10] = 1  # contexts 0-9 are about "Animals"
-    examples = [_ex([13, 2, 3], [0, 1, 0], context=c) for c in range(4)] + [_ex([1, 2, 8], [0, 1, 0], context=4)]
-    bx = I.BaselineExplainer(tokens, VOCAB, labels=labels, label_names=["Other", "Animals"])
-    assert bx.ranked_tokens(examples)[0][:2] == (2, 5)
-    assert bx(examples) == 'the word "cat" (as in "silent cat"), in articles about Animals'
-    # No topic when the excerpts' label is not over-represented, and no bigram without a repeat.
-    flat = I.BaselineExplainer(tokens, VOCAB, labels=np.ones_like(tokens), label_names=["Other", "Animals"])
-    assert flat([_ex([13, 2], [0, 1], context=c) for c in (0, 1)] + [_ex([9, 2], [0, 1])]) == 'the word "cat" (as in "silent cat")'
-    # Several recurring tokens: only those marked in two or more excerpts.
-    many = [_ex([2, 6, 12], [1, 1, 0], context=20 + i) for i in range(3)] + [_ex([5, 12], [0, 1], context=30)]
-    text = I.BaselineExplainer(tokens, VOCAB)(many)
-    assert text.startswith("words such as ") and '"cat"' in text and '"dog"' in text and '"fox"' not in text
+    names = ["Other", "Animals"]
+    # A 14-token vocabulary: every token is common, so enrichment is judged at a lower lift.
+    bx = I.BaselineExplainer(tokens, VOCAB, labels=labels, label_names=names, min_lift=2)
+    # A token marked in most excerpts: that token, and its recurring bigram.
+    token_latent = [_ex([13, 2, 3], [0, 1, 0], context=c) for c in range(4)] + [_ex([1, 2, 8], [0, 1, 0], context=4)]
+    assert bx.ranked_tokens(token_latent)[0][:2] == (2, 5)
+    assert bx(token_latent) == 'the word "cat" (as in "silent cat")'
+    assert bx([_ex([9, 2], [0, 1], context=c) for c in range(2)] + [_ex([13, 2], [0, 1])]) == 'the word "cat" (as in "a cat")'
+    # No dominant token: the topic of the excerpts when it is over-represented, then recurring words.
+    spread = [_ex([2, 6, 5], [1, 1, 0], context=c) for c in range(3)] + [_ex([t, 8], [1, 0], context=3 + i)
+                                                                          for i, t in enumerate((10, 11, 12, 4))]
+    assert bx(spread).startswith("text about Animals, with words such as ") and '"cat"' in bx(spread)
+    assert '"fox"' not in bx(spread)  # marked in one excerpt only
+    no_topic = I.BaselineExplainer(tokens, VOCAB, labels=np.ones_like(tokens), label_names=names, min_lift=2)
+    assert no_topic(spread).startswith("words such as ")
     with pytest.raises(ValueError, match="at least one example"):
         bx([])
     with pytest.raises(ValueError, match="labels must have the shape"):

@@ -1065,23 +1065,27 @@ class BaselineExplainer:
     explanation contexts.
 
     * **tokens**: the marked tokens, ranked by a log-likelihood-ratio (G) statistic of how often they
-      are marked in these excerpts against their frequency in the whole corpus sample
-      (``background``); a token marked in fewer than two excerpts is kept only when nothing recurs;
+      occur in these excerpts against their frequency in the whole corpus sample; kept when
+      marked in two or more excerpts and at least ``min_lift`` times more often than the corpus
+      frequency predicts (when none is, the best-ranked ones are named anyway);
     * **n-grams**: for the leading token, its most common preceding token when that bigram recurs;
     * **topic**: the dominant document label of the excerpts (the Wikipedia topic), when it holds at
       least ``topic_share`` of them and at least ``topic_lift`` times its share of the corpus.
 
+    A latent whose leading token is marked in at least half of the excerpts is explained by that
+    token (``the word "film" (as in "silent film")``); otherwise by its topic, when there is one,
+    then its tokens (``text about Arts, with words such as "painting", "museum"``).
+
     ``tokens`` ``(n_contexts, context_len)``: the token ids the examples index into (background
     frequencies are counted over them); ``labels`` (same shape, optional) and ``label_names``: the
-    topic of every token. The explanation reads like ``the word "film" (as in "silent film"), in
-    articles about Arts``.
+    topic of every token.
     """
 
-    identity = "baseline:tokens-ngrams-topic:v1"
+    identity = "baseline:tokens-ngrams-topic:v6"
 
     def __init__(self, tokens: np.ndarray, vocab: Sequence[str], *, labels: np.ndarray | None = None,
-                 label_names: Sequence[str] | None = None, max_tokens: int = 3, topic_share: float = 0.5,
-                 topic_lift: float = 2.0):
+                 label_names: Sequence[str] | None = None, max_tokens: int = 5, min_lift: float = 10.0,
+                 topic_share: float = 0.5, topic_lift: float = 2.0):
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (n_contexts, context_len), got shape {tokens.shape}")
@@ -1096,24 +1100,30 @@ class BaselineExplainer:
         self.label_names = None if label_names is None else list(label_names)
         if self.labels is not None:
             self.label_rate = np.bincount(self.labels.ravel(), minlength=len(self.label_names)) / self.labels.size
-        self.max_tokens, self.topic_share, self.topic_lift = int(max_tokens), float(topic_share), float(topic_lift)
+        self.max_tokens, self.min_lift = int(max_tokens), float(min_lift)
+        self.topic_share, self.topic_lift = float(topic_share), float(topic_lift)
 
     def _word(self, t: int) -> str:
         w = self.vocab[int(t)].strip()
         return json.dumps(w if w else self.vocab[int(t)], ensure_ascii=False)
 
-    def ranked_tokens(self, examples: Sequence[Example]) -> list[tuple[int, int, float]]:
-        """``(token id, excerpts in which it is marked, G statistic)`` of the marked tokens, best first."""
-        marked = [np.unique(e.token_ids[e.marked]) for e in examples]
-        n_marked = sum(int(e.marked.sum()) for e in examples)
-        if n_marked == 0:
+    def ranked_tokens(self, examples: Sequence[Example]) -> list[tuple[int, int, float, float]]:
+        """``(token id, excerpts in which it is marked, G statistic, lift)`` of the marked tokens, best
+        first (recurring and enriched ones before the others); lift = count in the excerpts / count
+        expected from the corpus frequency."""
+        if not any(e.marked.any() for e in examples):
             return []
-        ids, n_ex = np.unique(np.concatenate(marked), return_counts=True)
-        occ = np.array([sum(int(((e.token_ids == t) & e.marked).sum()) for e in examples) for t in ids], dtype=np.float64)
-        expected = n_marked * self.background[ids]
+        ids, n_ex = np.unique(np.concatenate([np.unique(e.token_ids[e.marked]) for e in examples]), return_counts=True)
+        # Occurrences anywhere in the excerpts: a word that is merely common (" with") is as frequent
+        # there as in the corpus, whether or not the latent marks it.
+        window = np.concatenate([e.token_ids for e in examples])
+        occ = np.array([int((window == t).sum()) for t in ids], dtype=np.float64)
+        expected = window.size * self.background[ids]
         g = 2 * occ * np.log(occ / expected)
-        order = np.lexsort((ids, -g, -(n_ex >= 2).astype(int)))
-        return [(int(ids[i]), int(n_ex[i]), float(g[i])) for i in order]
+        lift = occ / expected
+        good = (n_ex >= 2) & (lift >= self.min_lift)
+        order = np.lexsort((ids, -g, -good.astype(int)))
+        return [(int(ids[i]), int(n_ex[i]), float(g[i]), float(lift[i])) for i in order]
 
     def topic(self, examples: Sequence[Example]) -> str | None:
         """The dominant, over-represented topic of the excerpts (at their strongest token), or None."""
@@ -1147,19 +1157,16 @@ class BaselineExplainer:
         if not ex:
             raise ValueError("the explainer needs at least one example")
         ranked = self.ranked_tokens(ex)
-        recurring = [r for r in ranked if r[1] >= 2]
-        chosen = (recurring or ranked)[: self.max_tokens]
-        parts = []
-        if chosen:
-            words = ", ".join(self._word(t) for t, _, _ in chosen)
-            parts.append(("the word " if len(chosen) == 1 else "words such as ") + words)
-            bigram = self._bigram(ex, chosen[0][0])
-            if bigram:
-                parts[-1] += f" (as in {bigram})"
+        if ranked and 2 * ranked[0][1] >= len(ex):
+            bigram = self._bigram(ex, ranked[0][0])
+            return f"the word {self._word(ranked[0][0])}" + (f" (as in {bigram})" if bigram else "")
+        good = [r for r in ranked if r[1] >= 2 and r[3] >= self.min_lift]
         topic = self.topic(ex)
         if topic:
-            parts.append(f"in articles about {topic}")
-        return ", ".join(parts) if parts else "(no explanation)"
+            words = ", ".join(self._word(r[0]) for r in good[: self.max_tokens])
+            return f"text about {topic}" + (f", with words such as {words}" if words else "")
+        words = ", ".join(self._word(r[0]) for r in (good or ranked)[: self.max_tokens])
+        return f"words such as {words}" if words else "(no explanation)"
 
 
 # ----------------------------------------------------------------------------- likelihood and embedding scorers

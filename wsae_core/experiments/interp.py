@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", nargs="?", choices=["calibration", "sweep", "all", "gates", "score"], default="all",
                         help="calibration/sweep: detection and fuzzing with a chat judge; gates/score: the "
                              "threshold-free scorers (surprisal, embedding) on planted latents / on SAEs")
-    parser.add_argument("--explainers", default="baseline,smollm2", help="gates/score: comma-separated, from baseline,smollm2")
+    parser.add_argument("--explainers", default="baseline", help="gates/score: comma-separated, from baseline,smollm2")
     parser.add_argument("--seed", type=int, default=0, help="gates: seed of the planted latents")
     parser.add_argument("--entries", default=None, help="score: JSON list of SAE entries (fields of SAEEntry)")
     parser.add_argument("--lm-results", default=None, help="score: a layer sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
     parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
     parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
-    parser.add_argument("--scorers", default="surprisal,embedding", help="score: comma-separated, from surprisal,embedding")
+    parser.add_argument("--scorers", default="surprisal,embedding", help="gates/score: comma-separated, from surprisal,embedding")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--client", choices=["hf", "openai", "fake"], default="hf")
     parser.add_argument("--model", default=None, help="chat model: hub id / folder (hf) or served name (openai)")
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Example counts of the threshold-free scorers: more scoring contexts than detection (they are
 #: cheap), and non-activating windows fixed per context so their neutral likelihood is shared.
-SCORER_SELECTION = {"n_explain_top": 6, "n_explain_quantile": 4, "n_score_activating": 8,
+SCORER_SELECTION = {"n_explain_top": 10, "n_explain_quantile": 10, "n_score_activating": 8,
                     "n_score_non_activating": 8, "fixed_negative_windows": True}
 #: Calibration gates, mean AUROC over the planted latents of each kind with the baseline explainer:
 #: (low, high). A scorer that misses one is not used for the table.
@@ -981,12 +981,15 @@ def auroc_markdown(results: dict, scorer: str, explainer: str = "baseline") -> s
 
 def _main_scorers(args, profile: Profile) -> int:
     explainers = tuple(e for e in args.explainers.split(",") if e)
+    scorers = tuple(x for x in args.scorers.split(",") if x)
     folder = Path(args.out) if args.out else results_path("x", profile).parent
     if args.what == "gates":
-        scoring = Scoring(explainers, device=args.device)
+        scoring = Scoring(explainers, scorers, device=args.device)
         res = run_scorer_calibration(PlantedSpec(seed=args.seed), scoring, verbose=True)
         print(gates_markdown(res))
-        print(f"passed: {passed_scorers(res)}; wrote {_save(res, folder / gates_file(args.seed))} ({res['seconds']} s)")
+        path = _save(res, folder / gates_file(args.seed, explainers, scorers))
+        print(f"passed: {passed_scorers(res) if 'baseline' in explainers else '(gated with the baseline explainer only)'}; "
+              f"wrote {path} ({res['seconds']} s)")
         return 0
     if args.entries:
         entries = [SAEEntry(**e) for e in json.loads(Path(args.entries).read_text())]
@@ -995,7 +998,6 @@ def _main_scorers(args, profile: Profile) -> int:
 
         lm_res = json.loads(Path(args.lm_results or lm_results_path(profile)).read_text())
         entries = entries_from_lm_results(lm_res, layers=args.layers, methods=args.methods, cache_root=args.cache_root)
-    scorers = tuple(x for x in args.scorers.split(",") if x)
     spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
     path = folder / scores_file(profile, scorers)
     res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
@@ -1017,6 +1019,11 @@ def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", 
     return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
 
 
+def has_results(name: str) -> bool:
+    """Whether ``book/results/<name>`` exists."""
+    return (results_path("x").parent / name).is_file()
+
+
 def load_results(name: str) -> dict:
     """A committed results file of ``book/results`` (e.g. ``interp_gates_seed0.json``)."""
     path = results_path("x").parent / name
@@ -1030,9 +1037,10 @@ def scores_file(profile: Profile, scorers=SCORERS) -> str:
     return f"interp_scores_{profile}_{'+'.join(scorers)}.json"
 
 
-def gates_file(seed: int = 0) -> str:
-    """File name of the scorers' calibration with planted latents of ``seed`` (same in every profile)."""
-    return f"interp_gates_seed{seed}.json"
+def gates_file(seed: int = 0, explainers=("baseline",), scorers=SCORERS) -> str:
+    """File name of a calibration of ``scorers`` with ``explainers`` on the planted latents of ``seed``
+    (the same in every profile)."""
+    return f"interp_gates_seed{seed}_{'+'.join(explainers)}_{'+'.join(scorers)}.json"
 
 
 if __name__ == "__main__":
