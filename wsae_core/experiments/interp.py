@@ -33,6 +33,7 @@ accuracy of detection and fuzzing, a threshold-free latent's score = its AUROC.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -1017,6 +1018,15 @@ def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", 
                 rows.append([r["latent"], e, r[f"explanation_{e}"][:90],
                              *[r[f"{s}_{e}"] for s in calibration["scorers"]]])
     return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
+
+
+def calibrated_scorers(seed: int = 0) -> tuple[str, ...]:
+    """The scorers of the largest committed baseline-explainer calibration of ``seed`` (``()`` if none)."""
+    for k in range(len(SCORERS), 0, -1):
+        for combo in itertools.combinations(SCORERS, k):
+            if has_results(gates_file(seed, ("baseline",), combo)):
+                return combo
+    return ()
 
 
 def has_results(name: str) -> bool:
