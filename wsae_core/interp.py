@@ -141,9 +141,10 @@ class SelectionConfig:
     seed: int = 0
     """Seed of the quantile sampling, the non-activating draw and random marking."""
     fixed_negative_windows: bool = False
-    """Cut a non-activating context always at the same (seeded) position, whichever latent draws it,
-    so that its text, and its likelihood under a neutral prompt, is shared by all latents (surprisal
-    scoring computes it once). False: a fresh random position per latent."""
+    """Cut a non-activating context always at the same (seeded, uniform) position, whichever latent
+    draws it, so that its text, and its likelihood under a neutral prompt, is shared by all latents
+    (surprisal scoring computes it once). False: a fresh random position per latent, at least
+    ``window_before`` tokens into the context (as detection has always done)."""
 
     def __post_init__(self):
         for name in ("n_explain_top", "n_score_activating", "n_score_non_activating"):
@@ -287,7 +288,9 @@ def select_examples(
     if T <= cfg.window_before:
         pos = np.zeros(neg.size, int)
     elif cfg.fixed_negative_windows:
-        pos = np.random.default_rng([cfg.seed, T]).integers(cfg.window_before, T, size=tokens.shape[0])[neg]
+        # Centres uniform over all positions, like the strongest token of a latent without structure,
+        # so that negative and positive windows are clipped at a context's start equally often.
+        pos = np.random.default_rng([cfg.seed, T]).integers(0, T, size=tokens.shape[0])[neg]
     else:
         pos = rng.integers(cfg.window_before, T, size=neg.size)
     ex = lambda c, p: _example(tokens, acts, doc_ids, int(c), int(p), threshold, cfg)  # noqa: E731
@@ -1180,7 +1183,7 @@ class AurocResult(NamedTuple):
     truth: list[int]
     """1 for the held-out activating contexts, then 0 for the non-activating ones."""
     scores: list[float]
-    """Per context: log-likelihood gain (surprisal, nats) or cosine similarity (embedding)."""
+    """Per context: log-likelihood gain (surprisal, nats per token) or cosine similarity (embedding)."""
 
 
 def scoring_texts(examples: LatentExamples, vocab: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -1220,8 +1223,8 @@ class SurprisalScorer:
     model find a latent's activating contexts more likely than its non-activating ones?
 
     For every scoring context ``c`` the gain is ``log p(c | explanation prompt) - log p(c | neutral
-    prompt)`` (nats, summed over the tokens of ``c``; :func:`surprisal_prefix`), and the latent's
-    score is the AUROC of the gains of held-out activating (1) against non-activating (0) contexts.
+    prompt)`` per token of ``c`` (nats per token; :func:`surprisal_prefix`), and the latent's score is
+    the AUROC of the gains of held-out activating (1) against non-activating (0) contexts.
 
     Efficient on a CPU: the few-shot part of the prompt is run once; each explanation's line is
     appended to that key/value cache once, and all contexts of the latent are run in batches on top of
@@ -1244,7 +1247,7 @@ class SurprisalScorer:
         self.model_name = model_name or getattr(lm, "name", None) or SMOLLM2
         quant = "-gguf-q4_1" if self.model_name == SMOLLM2 else ""
         # The prompt is part of the identity: a changed prompt never replays old numbers.
-        self.identity = f"surprisal:{self.model_name}{quant}:{_key([SURPRISAL_SHOTS, NEUTRAL_DESCRIPTION])[:8]}"
+        self.identity = f"surprisal:{self.model_name}{quant}:{_key([SURPRISAL_SHOTS, NEUTRAL_DESCRIPTION, 'gain per token'])[:8]}"
         self.store, self.batch_size = store, int(batch_size)
         self._shots = None
         self._neutral: dict[str, float] = {}
@@ -1302,6 +1305,9 @@ class SurprisalScorer:
 
     def logliks(self, description: str, texts: Sequence[str]) -> list[float]:
         """``log p(text | surprisal_prefix(description))`` of each text (nats, sum over its tokens)."""
+        return [v for v, _ in self._logliks(description, texts)]
+
+    def _logliks(self, description: str, texts: Sequence[str]) -> list[tuple[float, int]]:
         import torch
 
         t0 = time.perf_counter()
@@ -1324,11 +1330,12 @@ class SurprisalScorer:
                 total = float(last[s[0]])
                 if len(s) > 1:
                     total += float(lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
-                out.append(total)
+                out.append((total, len(s)))
         self.seconds_model += time.perf_counter() - t0
         return out
 
-    def _neutral_logliks(self, texts: Sequence[str]) -> list[float]:
+    def _neutral_logliks(self, texts: Sequence[str]) -> list[list[float]]:
+        """``[sum of log-probabilities, number of tokens]`` of each text under the neutral prompt."""
         keys = {t: _key([self.identity, "neutral", t]) for t in texts}
         todo = []
         for t in dict.fromkeys(texts):
@@ -1342,14 +1349,15 @@ class SurprisalScorer:
                     self.store.miss(keys[t])
                 todo.append(t)
         if todo:
-            for t, v in zip(todo, self.logliks(NEUTRAL_DESCRIPTION, todo)):
-                self._neutral[t] = round(v, 4)
+            for t, (v, n) in zip(todo, self._logliks(NEUTRAL_DESCRIPTION, todo)):
+                self._neutral[t] = [round(v, 4), n]
                 if self.store is not None:
                     self.store.put(keys[t], "neutral", None, self._neutral[t])
         return [self._neutral[t] for t in texts]
 
     def gains(self, explanation: str, texts: Sequence[str]) -> list[float]:
-        """``log p(text | explanation) - log p(text | neutral)`` per text (nats, 4 decimals)."""
+        """``(log p(text | explanation) - log p(text | neutral)) / tokens`` per text (nats per token,
+        4 decimals): per token, so that the length of a window does not weigh in."""
         neutral = self._neutral_logliks(texts)
         key = _key([self.identity, "explained", explanation, list(texts)])
         got = self.store.get(key) if self.store is not None else None
@@ -1359,7 +1367,7 @@ class SurprisalScorer:
             got = [round(v, 4) for v in self.logliks(explanation, texts)]
             if self.store is not None:
                 self.store.put(key, "explained", None, got)
-        return [round(e - n, 4) for e, n in zip(got, neutral)]
+        return [round((e - n) / k, 4) for e, (n, k) in zip(got, neutral)]
 
     def score(self, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> AurocResult:
         """AUROC of the log-likelihood gains of the latent's held-out activating vs non-activating contexts."""
