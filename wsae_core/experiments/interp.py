@@ -1,30 +1,39 @@
-"""Auto-interpretability runs (chapter *Auto-interpretability: explain, detect, fuzz*).
+"""Auto-interpretability runs (chapter *Auto-interpretability: explain, then score*).
 
-Two experiments, both through :mod:`wsae_core.interp` and a cached chat client:
+Judged scorers (detection, fuzzing) through :mod:`wsae_core.interp` and a cached chat client:
 
-``calibration``  the scorer on latents whose meaning is known: *planted* latents on the Wikipedia
+``calibration``  the judge on latents whose meaning is known: *planted* latents on the Wikipedia
                  corpus (one fires on one token, e.g. " film"; one fires on the longer words of one
-                 topic's articles) and *random* latents (i.i.d. sparse random activations). A scorer
+                 topic's articles) and *random* latents (i.i.d. sparse random activations). A judge
                  that can be trusted gives the planted latents high scores and the random ones about
                  0.5. Fixed size in every profile, so the committed response cache replays it exactly.
-``sweep``        a stated random sample of latents of every SAE of the language-model layer sweep
-                 (:mod:`wsae_core.experiments.lm`: SAE, WSAE α = 0.5, WSAE α = 1 per layer), scored
-                 the same way: our version of the paper's Table 1.
+``sweep``        a stated random sample of latents of every SAE of the language-model layer sweep,
+                 scored the same way.
+
+Threshold-free scorers (surprisal, embedding) with two explainers (SmolLM2, LLM-free baseline):
+
+``gates``        planted token / topic / random latents drawn from a seed (:class:`PlantedSpec`),
+                 every explainer and scorer, and the calibration gates (:data:`GATES`): a scorer that
+                 misses one is not used for Table 1 (:func:`passed_scorers`).
+``score``        a list of SAEs (:class:`SAEEntry`: label, layer, rule, α, seed, saved SAE folder,
+                 activation source), ``n_latents`` live latents of each drawn uniformly with a fixed
+                 seed, scored the same way; resumable (:func:`run_scores`).
 
 Command line::
 
-    python -m wsae_core.experiments.interp calibration --profile book [--client hf|openai|fake]
-    python -m wsae_core.experiments.interp sweep --profile book
+    python -m wsae_core.experiments interp calibration --profile book [--client hf|openai|fake]
+    python -m wsae_core.experiments interp sweep --profile book
+    python -m wsae_core.experiments interp gates --seed 0
+    python -m wsae_core.experiments interp score --profile book --layers 3 [--methods SAE ...] [--latents 100]
 
-Choices where the paper is silent: see :class:`wsae_core.interp.SelectionConfig` (6 top + 4
-quantile explanation contexts, 6 held-out activating and 6 non-activating contexts, windows of 20
-tokens before and 6 after the strongest token, marks at 0.3 of the latent's maximum), Yes/No answers
-scored from the option log-probabilities, and a latent's score = mean balanced accuracy of detection
-and fuzzing.
+Choices where the paper is silent: see :class:`wsae_core.interp.SelectionConfig`, :data:`SCORER_SELECTION`,
+Yes/No answers scored from the option log-probabilities, a judged latent's score = mean balanced
+accuracy of detection and fuzzing, a threshold-free latent's score = its AUROC.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -474,7 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments interp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=["calibration", "sweep", "all"], default="all")
+    parser.add_argument("what", nargs="?", choices=["calibration", "sweep", "all", "gates", "score"], default="all",
+                        help="calibration/sweep: detection and fuzzing with a chat judge; gates/score: the "
+                             "threshold-free scorers (surprisal, embedding) on planted latents / on SAEs")
+    parser.add_argument("--explainers", default="baseline", help="gates/score: comma-separated, from baseline,smollm2")
+    parser.add_argument("--seed", type=int, default=0, help="gates: seed of the planted latents")
+    parser.add_argument("--entries", default=None, help="score: JSON list of SAE entries (fields of SAEEntry)")
+    parser.add_argument("--lm-results", default=None, help="score: a layer sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
+    parser.add_argument("--cache-root", default=None, help="score: where that sweep's SAEs and activations are now (default: as saved)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
+    parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
+    parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
+    parser.add_argument("--scorers", default="surprisal,embedding", help="gates/score: comma-separated, from surprisal,embedding")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--client", choices=["hf", "openai", "fake"], default="hf")
     parser.add_argument("--model", default=None, help="chat model: hub id / folder (hf) or served name (openai)")
@@ -483,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for the results JSON (default: book/results)")
     args = parser.parse_args(argv)
     profile = args.profile or current_profile()
+    if args.what in ("gates", "score"):
+        return _main_scorers(args, profile)
     client = make_client(args.client, model=args.model, device=args.device, cache=not args.no_cache)
     if args.what in ("calibration", "all"):
         res = run_calibration(client, verbose=True)
@@ -502,6 +524,533 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m:10s} " + " ".join(f"{v:6.1f}" if v is not None else "     -" for v in tab[m]))
         print(f"wrote {_save(res, path)} ({res['seconds']} s, cache {res['cache']})")
     return 0
+
+
+
+# ============================================================================= threshold-free scorers
+#
+# Surprisal and embedding scoring (Paulo et al. 2024) need no instruction-following judge: SmolLM2's
+# likelihoods and MiniLM's embeddings suffice. Everything below is written against a small
+# interface -- a list of :class:`SAEEntry` (which SAE, on which activations) -- not against the
+# layer sweep's internals, so a new sweep only has to list its SAEs.
+
+#: Example counts of the threshold-free scorers: more scoring contexts than detection (they are
+#: cheap), and non-activating windows fixed per context so their neutral likelihood is shared.
+SCORER_SELECTION = {"n_explain_top": 10, "n_explain_quantile": 10, "n_score_activating": 8,
+                    "n_score_non_activating": 8, "fixed_negative_windows": True}
+#: Calibration gates, mean AUROC over the planted latents of each kind with the baseline explainer:
+#: (low, high). A scorer that misses one is not used for the table.
+GATES: dict[str, tuple[float, float]] = {"token": (0.90, 1.0), "topic": (0.75, 1.0), "random": (0.40, 0.60)}
+SCORERS = ("surprisal", "embedding")
+EXPLAINERS = ("baseline", "smollm2")
+
+
+@dataclass
+class PlantedSpec:
+    """Planted latents drawn fresh from ``seed`` on a sample of the Wikipedia corpus: which tokens
+    and which topics are drawn, and all activation values, change with the seed."""
+
+    seed: int = 0
+    n_contexts: int = 4096
+    """Contexts of the corpus sample (262,144 tokens at 64 per context)."""
+    context_len: int = 64
+    n_token: int = 4
+    """Token latents: each fires on one word-initial token (activation U[0.5, 1])."""
+    n_topic: int = 4
+    """Topic latents: each fires on every alphabetic token of >= 4 letters in one topic's articles."""
+    n_random: int = 16
+    """Random latents: every token fires with probability ``random_rate``, activation U(0, 1)."""
+    random_rate: float = 0.02
+    token_min_docs: int = 40
+    """The token pool: word-initial alphabetic tokens of >= 4 letters found in at least this many
+    documents of the sample ..."""
+    token_max_context_share: float = 0.25
+    """... and in at most this share of its contexts (so that silent contexts remain)."""
+    exclude_topics: tuple[str, ...] = ("Uncategorized",)
+    """Labels that name no topic."""
+    selection: dict = field(default_factory=lambda: dict(SCORER_SELECTION))
+    """:class:`wsae_core.interp.SelectionConfig` of the scorers."""
+
+
+def token_pool(tokens: np.ndarray, doc_ids: np.ndarray, vocab: list[str], spec: PlantedSpec) -> np.ndarray:
+    """Token ids a planted token latent may be drawn from (see :class:`PlantedSpec`)."""
+    word = np.array([len(v) > 4 and v[0] == " " and v[1:].isalpha() for v in vocab])
+    t = tokens.ravel()
+    keep = word[t]
+    pairs = np.unique(np.stack([t[keep], doc_ids.ravel()[keep]]), axis=1)
+    n_docs = np.bincount(pairs[0], minlength=len(vocab))
+    in_ctx = np.zeros(len(vocab))
+    for row in tokens:
+        in_ctx[np.unique(row)] += 1
+    ok = word & (n_docs >= spec.token_min_docs) & (in_ctx <= spec.token_max_context_share * tokens.shape[0])
+    return np.flatnonzero(ok)
+
+
+def draw_planted(tokens: np.ndarray, doc_ids: np.ndarray, labels: np.ndarray, label_names: list[str],
+                 vocab: list[str], spec: PlantedSpec) -> dict[str, tuple[str, np.ndarray]]:
+    """``{name: (kind, acts (n_contexts, context_len))}``: ``n_token`` token, ``n_topic`` topic and
+    ``n_random`` random latents, tokens and topics drawn from ``spec.seed``."""
+    rng = np.random.default_rng([spec.seed, 1])
+    pool = token_pool(tokens, doc_ids, vocab, spec)
+    if pool.size < spec.n_token:
+        raise ValueError(f"only {pool.size} tokens qualify for planted token latents, n_token = {spec.n_token}")
+    doc_label = {int(d): int(l) for d, l in zip(doc_ids.ravel(), labels.ravel())}
+    n_docs = np.bincount(list(doc_label.values()), minlength=len(label_names))
+    topics = [i for i, n in enumerate(label_names)
+              if n not in spec.exclude_topics and n_docs[i] >= spec.token_min_docs]
+    if len(topics) < spec.n_topic:
+        raise ValueError(f"only {len(topics)} topics have {spec.token_min_docs} documents, n_topic = {spec.n_topic}")
+    strength = lambda: 0.5 + 0.5 * rng.random(tokens.shape)  # noqa: E731
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for t in rng.choice(pool, size=spec.n_token, replace=False):
+        out[f"token {vocab[int(t)].strip()!r}"] = ("token", np.where(tokens == t, strength(), 0.0).astype(np.float32))
+    wordy = np.array([len(v.strip()) >= 4 and v.strip().isalpha() for v in vocab])
+    for i in sorted(rng.choice(topics, size=spec.n_topic, replace=False)):
+        on = (labels == i) & wordy[tokens]
+        out[f"topic {label_names[i]}"] = ("topic", np.where(on, strength(), 0.0).astype(np.float32))
+    for i in range(spec.n_random):
+        fire = rng.random(tokens.shape) < spec.random_rate
+        out[f"random {i}"] = ("random", np.where(fire, rng.random(tokens.shape), 0.0).astype(np.float32))
+    return out
+
+
+class Scoring:
+    """The explainers and threshold-free scorers of one run, sharing one SmolLM2 and one cache folder.
+
+    ``explainers``: names from :data:`EXPLAINERS` (``"baseline"``: :class:`wsae_core.interp.BaselineExplainer`
+    on the run's corpus sample; ``"smollm2"``: the chat model's explanation through the cached
+    client). ``scorers``: names from :data:`SCORERS`. ``allow_miss=False``: replay the cache only
+    (raises :class:`wsae_core.interp.CacheMiss` instead of running a model).
+    """
+
+    def __init__(self, explainers=EXPLAINERS, scorers=SCORERS, *, cache_dir: str | Path | None = None,
+                 allow_miss: bool = True, device: str = "cpu"):
+        bad = [e for e in explainers if e not in EXPLAINERS] + [s for s in scorers if s not in SCORERS]
+        if bad:
+            raise ValueError(f"explainers must be among {EXPLAINERS} and scorers among {SCORERS}, got {bad}")
+        self.explainers, self.scorer_names = tuple(explainers), tuple(scorers)
+        self.client = make_client("hf", device=device, cache_dir=cache_dir, allow_miss=allow_miss)
+        inner = self.client.inner
+        self.scorers: dict[str, Any] = {}
+        if "surprisal" in scorers:
+            # One SmolLM2 for explaining and for likelihoods, loaded only on a cache miss.
+            surprisal = I.SurprisalScorer(lambda: inner.lm, model_name=inner.model_name)
+            surprisal.store = I.scorer_store(surprisal.identity, cache_dir, allow_miss=allow_miss)
+            self.scorers["surprisal"] = surprisal
+        if "embedding" in scorers:
+            emb = I.EmbeddingScorer()
+            emb.store = I.scorer_store(emb.identity, cache_dir, allow_miss=allow_miss)
+            self.scorers["embedding"] = emb
+
+    def explain(self, name: str, ex: I.LatentExamples, vocab: list[str], baseline: I.BaselineExplainer) -> str:
+        return baseline(ex) if name == "baseline" else I.explain(self.client, ex, vocab)
+
+    def score(self, ex: I.LatentExamples, vocab: list[str], baseline: I.BaselineExplainer) -> dict:
+        """``{"explanation_<e>", "<scorer>_<e>" (AUROC), "seconds_<e>"}`` for every explainer ``e``."""
+        out: dict[str, Any] = {}
+        for e in self.explainers:
+            t = time.perf_counter()
+            expl = self.explain(e, ex, vocab, baseline)
+            out[f"explanation_{e}"] = expl
+            for name, sc in self.scorers.items():
+                out[f"{name}_{e}"] = sc.score(expl, ex, vocab).auroc
+            out[f"seconds_{e}"] = round(time.perf_counter() - t, 3)
+        return out
+
+    def stats(self) -> dict:
+        return {"chat": {"hits": self.client.hits, "misses": self.client.misses},
+                **{n: {"hits": s.store.hits, "misses": s.store.misses} for n, s in self.scorers.items()}}
+
+
+def _corpus_sample(spec: PlantedSpec):
+    from ..corpus import load_documents, tokenize_contexts
+
+    tok = load_tokenizer()
+    vocab = I.token_strings(tok)
+    ctx = tokenize_contexts(load_documents("wiki"), tok, context_len=spec.context_len, n_contexts=spec.n_contexts,
+                            seed=spec.seed, source="wiki")
+    return ctx, vocab
+
+
+def run_scorer_calibration(spec: PlantedSpec | None = None, scoring: Scoring | None = None, *,
+                           verbose: bool = False) -> dict:
+    """Every explainer and threshold-free scorer on the planted and random latents of ``spec``.
+
+    Returns ``{"spec", "records", "seconds", "cache"}``: one record per latent with its kind, each
+    explainer's explanation and each scorer's AUROC per explainer. :func:`gate_report` reads it.
+    """
+    spec = spec or PlantedSpec()
+    scoring = scoring or Scoring()
+    t0 = time.perf_counter()
+    ctx, vocab = _corpus_sample(spec)
+    latents = draw_planted(ctx.tokens, ctx.doc_ids, ctx.labels, ctx.label_names, vocab, spec)
+    baseline = I.BaselineExplainer(ctx.tokens, vocab, labels=ctx.labels, label_names=ctx.label_names)
+    cfg = I.SelectionConfig(**spec.selection)
+    records = []
+    for name, (kind, acts) in latents.items():
+        ex = I.select_examples(ctx.tokens, acts, doc_ids=ctx.doc_ids, config=cfg, latent=name)
+        rec = {"latent": name, "kind": kind, "n_activating": ex.n_activating, **scoring.score(ex, vocab, baseline)}
+        records.append(rec)
+        if verbose:
+            print(f"{name:34s} " + "  ".join(f"{e}: {rec['explanation_' + e][:48]!r} "
+                                             + " ".join(f"{s} {rec[s + '_' + e]:.2f}" for s in scoring.scorers)
+                                             for e in scoring.explainers), flush=True)
+    return {"spec": asdict(spec), "explainers": list(scoring.explainers), "scorers": list(scoring.scorers),
+            "identities": {n: s.identity for n, s in scoring.scorers.items()} | {"smollm2": scoring.client.identity,
+                                                                                "baseline": I.BaselineExplainer.identity},
+            "records": records, "seconds": round(time.perf_counter() - t0, 1), "cache": scoring.stats()}
+
+
+def gate_report(results: dict, explainer: str = "baseline") -> dict[str, dict]:
+    """Per scorer: mean AUROC per kind of planted latent with ``explainer``'s explanations, whether it
+    is inside :data:`GATES`, and ``"passed"`` (all kinds inside)."""
+    out = {}
+    for s in results["scorers"]:
+        row: dict[str, Any] = {}
+        for kind, (lo, hi) in GATES.items():
+            vals = [r[f"{s}_{explainer}"] for r in results["records"] if r["kind"] == kind]
+            m = float(np.mean(vals)) if vals else float("nan")
+            row[kind] = {"mean": m, "n": len(vals), "gate": [lo, hi], "ok": bool(lo <= m <= hi)}
+        row["passed"] = all(v["ok"] for v in row.values())
+        out[s] = row
+    return out
+
+
+def passed_scorers(calibration: dict) -> list[str]:
+    """The scorers whose baseline-explainer calibration is inside every gate: the only ones tabled."""
+    return [s for s, r in gate_report(calibration).items() if r["passed"]]
+
+
+def gates_markdown(calibration: dict) -> str:
+    """One row per explainer and scorer: mean AUROC on token, topic and random latents; the gates and
+    verdict for the baseline explainer (SmolLM2's explanations are reported, not gated)."""
+    rows = []
+    for e in calibration["explainers"]:
+        for s, r in gate_report(calibration, e).items():
+            verdict = ("pass" if r["passed"] else "FAIL") if e == "baseline" else "(reported)"
+            rows.append([f"{e} explainer", s, *[f"{r[k]['mean']:.3f} (n={r[k]['n']})" for k in GATES], verdict])
+    gates = ", ".join(f"{k} {'≥ ' + format(lo, '.2f') if hi >= 1 else f'in [{lo:.2f}, {hi:.2f}]'}" for k, (lo, hi) in GATES.items())
+    return _md(["explanations", "scorer", "token latents", "topic latents", "random latents", f"gate ({gates})"], rows)
+
+
+# ----------------------------------------------------------------------------- the SAEs to score
+
+
+@dataclass
+class ActivationSource:
+    """Residual-stream activations in a :mod:`wsae_core.activations` cache folder: the contexts
+    ``contexts = (start, stop)`` of it, positions ``>= skip_first`` of each context."""
+
+    cache: str
+    contexts: tuple[int, int]
+    skip_first: int = 1
+
+
+@dataclass
+class SAEEntry:
+    """One dictionary to score: the interface between a sweep and the scoring (nothing else of the
+    sweep is read). ``path`` is a folder written by :func:`wsae_core.train.save_sae` whose
+    ``cfg.json`` may hold ``scale`` (activations are divided by it before encoding); ``path=None``
+    with ``rule="residual"`` scores the residual stream's own dimensions (the control)."""
+
+    label: str
+    """Row of the table, e.g. ``"SAE"``, ``"WSAE α=1"``, ``"untrained SAE (control)"``."""
+    layer: int
+    rule: str
+    """How Γ was chosen: ``"uniform"``, ``"variance"``, ``"untrained"``, ``"residual"``, ..."""
+    alpha: float | None
+    seed: int
+    path: str | None
+    source: ActivationSource
+    k: int = 32
+    """Top-k of the residual control (the SAEs' k)."""
+
+    def __post_init__(self):
+        if self.path is None and self.rule != "residual":
+            raise ValueError(f"entry {self.label!r}: path must name a saved SAE folder unless rule == 'residual', got None")
+        if isinstance(self.source, dict):
+            self.source = ActivationSource(**self.source)
+
+
+RESIDUAL = "residual stream, top-k (control)"
+
+
+def entries_from_lm_results(results: dict, *, layers=None, methods=None, residual_control: bool = True,
+                            cache_root: str | Path | None = None) -> list[SAEEntry]:
+    """The entries of a layer sweep of :mod:`wsae_core.experiments.lm` (its results dict): every
+    (layer, method) record with a saved SAE, plus the residual control per layer, all on the sweep's
+    training contexts. ``cache_root`` re-roots the saved SAE and activation folders (a sweep whose
+    cache root was elsewhere, e.g. the committed results of another machine)."""
+    from .lm import METHODS
+
+    spec = results["spec"]
+    alphas = dict(METHODS)
+    cache = Path(results["cache"]["folder"])
+    if cache_root is not None:
+        cache = Path(cache_root) / "activations" / cache.name
+    src = ActivationSource(str(cache), (0, spec["n_train_contexts"]), spec["skip_first"])
+    out = []
+    for r in results["records"]:
+        if (layers is not None and r["layer"] not in layers) or (methods is not None and r["method"] not in methods):
+            continue
+        path = Path(r["sae_dir"])
+        if cache_root is not None:
+            path = Path(cache_root) / "saes" / Path(*path.parts[-3:])
+        alpha = alphas.get(r["method"])
+        rule = "untrained" if alpha is None else ("uniform" if alpha == 0 else "variance")
+        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, spec["seed"], str(path), src, spec["k"]))
+    if residual_control:
+        for layer in sorted({e.layer for e in out} or set(spec["layers"])):
+            out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec["seed"], None, src, spec["k"]))
+    return out
+
+
+def residual_topk(x, k: int):
+    """The residual control: every dimension standardised (mean 0, variance 1 over the tokens), both
+    signs as separate latents (``2 d``: dimension ``i`` is latent ``i`` when positive, ``d + i`` when
+    negative), and per token only the ``k`` largest kept (Paulo et al. sparsify neurons the same way).
+    ``x`` ``(n, d)`` -> indices, values ``(n, k)`` numpy."""
+    import torch
+
+    x = torch.as_tensor(x).float()
+    z = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+    v, i = torch.cat([z, -z], dim=1).topk(k, dim=1)
+    return i.numpy(), v.clamp_min(0).numpy()
+
+
+def entry_codes(entry: SAEEntry):
+    """``(indices, values, n_latents, tokens, doc_ids)`` of an entry on its activation source: Top-k
+    codes ``(n_tokens, k)`` of the tokens at positions ``>= skip_first``, and the contexts' token ids
+    and document ids ``(n_contexts, context_len)``."""
+    import torch
+
+    from ..activations import ActivationCache
+    from ..train import load_sae
+    from .lm import _codes
+
+    src = entry.source
+    cache = ActivationCache(src.cache)
+    ctx = range(*src.contexts)
+    x = cache.activations(entry.layer, src.skip_first, ctx)
+    if entry.rule == "residual":
+        idx, val = residual_topk(x, entry.k)
+        n = 2 * x.shape[1]
+    else:
+        meta = json.loads((Path(entry.path) / "cfg.json").read_text())
+        sae = load_sae(entry.path).eval()
+        idx, val = _codes(sae, x / float(meta.get("scale", 1.0)), torch.device("cpu"))
+        n = sae.cfg.n_m
+    return idx, val, n, cache.tokens[ctx], cache.doc_ids[ctx], cache.labels[ctx]
+
+
+@dataclass
+class ScoreSpec:
+    """How many latents of each entry are scored, and how."""
+
+    n_latents: int = 100
+    """Latents scored per entry: drawn uniformly (seeded) from its live latents, in that order,
+    skipping those that fire in too few documents to be scored (counted)."""
+    seed: int = 0
+    explainers: tuple[str, ...] = ("baseline",)
+    scorers: tuple[str, ...] = SCORERS
+    selection: dict = field(default_factory=lambda: dict(SCORER_SELECTION))
+
+
+def score_entry(entry: SAEEntry, spec: ScoreSpec, scoring: Scoring, *, verbose: bool = False) -> tuple[dict, list[dict]]:
+    """Score ``spec.n_latents`` live latents of one entry. Returns (summary, one record per latent)."""
+    t0 = time.perf_counter()
+    idx, val, n_latents, tokens, docs, labels = entry_codes(entry)
+    skip = entry.source.skip_first
+    live = np.unique(idx[val > 0])
+    order = np.random.default_rng([spec.seed, entry.layer]).permutation(live)
+    meta = _source_meta(entry)
+    vocab = _vocab(meta["key"]["model"])
+    baseline = I.BaselineExplainer(tokens, vocab, labels=labels, label_names=meta["label_names"])
+    cfg = I.SelectionConfig(**spec.selection)
+    records, tried = [], 0
+    for j in order:
+        if len(records) >= spec.n_latents:
+            break
+        tried += 1
+        acts = _dense_acts(idx, val, int(j), tokens.shape, skip)
+        try:
+            ex = I.select_examples(tokens, acts, doc_ids=docs, config=cfg, latent=int(j))
+        except I.NotEnoughExamples:
+            continue
+        t = time.perf_counter()
+        rec = {"label": entry.label, "layer": entry.layer, "rule": entry.rule, "alpha": entry.alpha,
+               "seed": entry.seed, "latent": int(j), "n_activating": ex.n_activating,
+               **scoring.score(ex, vocab, baseline), "seconds": round(time.perf_counter() - t, 3)}
+        records.append(rec)
+        if verbose:
+            print(f"layer {entry.layer} {entry.label:28s} latent {int(j):5d} "
+                  + " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k.startswith(SCORERS)), flush=True)
+    summary = {**asdict(entry), "n_latents": n_latents, "n_live": int(live.size), "n_tried": tried,
+               "n_scored": len(records), "seconds": round(time.perf_counter() - t0, 1)}
+    return summary, records
+
+
+_VOCABS: dict[str, list[str]] = {}
+
+
+def _source_meta(entry: SAEEntry) -> dict:
+    return json.loads((Path(entry.source.cache) / "meta.json").read_text())
+
+
+def _vocab(model: str) -> list[str]:
+    """Token strings of the model whose activations were cached (one tokenizer load per model)."""
+    if model not in _VOCABS:
+        _VOCABS[model] = I.token_strings(load_tokenizer(model))
+    return _VOCABS[model]
+
+
+def run_scores(entries: list[SAEEntry], spec: ScoreSpec | None = None, *, scoring: Scoring | None = None,
+               path: str | Path | None = None, verbose: bool = False) -> dict:
+    """Score every entry (:func:`score_entry`); resumable: with ``path``, results are saved after each
+    entry and entries already in the file (same spec) are not scored again; a killed run loses no
+    model call (every one is in the response cache)."""
+    spec = spec or ScoreSpec()
+    scoring = scoring or Scoring(spec.explainers, spec.scorers)
+    result = {"spec": json.loads(json.dumps(asdict(spec))), "entries": [], "records": []}
+    if path is not None and Path(path).is_file():
+        saved = json.loads(Path(path).read_text())
+        if saved.get("spec") == result["spec"]:
+            result = saved
+    done = {(e["label"], e["layer"], e["seed"]) for e in result["entries"]}
+    for entry in entries:
+        if (entry.label, entry.layer, entry.seed) in done:
+            continue
+        summary, records = score_entry(entry, spec, scoring, verbose=verbose)
+        result["entries"].append(summary)
+        result["records"] += records
+        result["cache"] = scoring.stats()
+        if path is not None:
+            _save(result, Path(path))
+    return result
+
+
+def throughput(results: dict) -> dict[str, float]:
+    """Latents scored per minute (explaining + scoring, per explainer, from the records' timings)."""
+    out = {}
+    for e in results["spec"]["explainers"]:
+        secs = [r[f"seconds_{e}"] for r in results["records"] if f"seconds_{e}" in r]
+        out[e] = 60.0 / float(np.mean(secs)) if secs else float("nan")
+    return out
+
+
+def mean_ci(values_by_seed: dict[Any, list[float]], level: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean and ``level`` t-interval: over latents with one seed; over the per-seed means with several
+    (seeds are the unit of replication). Returns (mean, low, high, n latents)."""
+    from scipy import stats
+
+    groups = [np.asarray(v, dtype=np.float64) for v in values_by_seed.values() if len(v)]
+    n = int(sum(g.size for g in groups))
+    if not groups:
+        return float("nan"), float("nan"), float("nan"), 0
+    units = groups[0] if len(groups) == 1 else np.array([g.mean() for g in groups])
+    m = float(units.mean()) if len(groups) == 1 else float(np.mean(units))
+    if units.size < 2:
+        return m, float("nan"), float("nan"), n
+    half = float(stats.t.ppf(0.5 + level / 2, units.size - 1) * units.std(ddof=1) / np.sqrt(units.size))
+    return m, m - half, m + half, n
+
+
+def auroc_table(results: dict, scorer: str, explainer: str = "baseline") -> dict[str, dict[int, tuple]]:
+    """``{label: {layer: (mean, low, high, n)}}`` of ``scorer``'s AUROC with ``explainer``'s explanations."""
+    key = f"{scorer}_{explainer}"
+    cells: dict[str, dict[int, dict]] = {}
+    for r in results["records"]:
+        if key in r:
+            cells.setdefault(r["label"], {}).setdefault(r["layer"], {}).setdefault(r["seed"], []).append(r[key])
+    return {lab: {l: mean_ci(by_seed) for l, by_seed in sorted(layers.items())} for lab, layers in cells.items()}
+
+
+def auroc_markdown(results: dict, scorer: str, explainer: str = "baseline") -> str:
+    """Table 1's layout for one scorer: rows = SAEs and controls, columns = layers; each cell the mean
+    AUROC in % with its 95 % interval and the number of latents."""
+    tab = auroc_table(results, scorer, explainer)
+    layers = sorted({l for v in tab.values() for l in v})
+    rows = []
+    for lab, cells in tab.items():
+        row = [lab]
+        for l in layers:
+            m, lo, hi, n = cells.get(l, (float("nan"),) * 3 + (0,))
+            row.append("–" if n == 0 else f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})")
+        rows.append(row)
+    return _md(["", *[f"layer {l}" for l in layers]], rows)
+
+
+def _main_scorers(args, profile: Profile) -> int:
+    explainers = tuple(e for e in args.explainers.split(",") if e)
+    scorers = tuple(x for x in args.scorers.split(",") if x)
+    folder = Path(args.out) if args.out else results_path("x", profile).parent
+    if args.what == "gates":
+        scoring = Scoring(explainers, scorers, device=args.device)
+        res = run_scorer_calibration(PlantedSpec(seed=args.seed), scoring, verbose=True)
+        print(gates_markdown(res))
+        path = _save(res, folder / gates_file(args.seed, explainers, scorers))
+        print(f"passed: {passed_scorers(res) if 'baseline' in explainers else '(gated with the baseline explainer only)'}; "
+              f"wrote {path} ({res['seconds']} s)")
+        return 0
+    if args.entries:
+        entries = [SAEEntry(**e) for e in json.loads(Path(args.entries).read_text())]
+    else:
+        from .lm import results_path as lm_results_path
+
+        lm_res = json.loads(Path(args.lm_results or lm_results_path(profile)).read_text())
+        entries = entries_from_lm_results(lm_res, layers=args.layers, methods=args.methods, cache_root=args.cache_root)
+    spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
+    path = folder / scores_file(profile, scorers)
+    res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
+    for e in explainers:
+        for s in scorers:
+            print(f"{s}, {e} explainer\n{auroc_markdown(res, s, e)}")
+    print(f"throughput (latents/min): {throughput(res)}; wrote {path}")
+    return 0
+
+
+def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", "topic")) -> str:
+    """The explanations of the planted latents of ``kinds`` by every explainer, with their AUROCs."""
+    rows = []
+    for r in calibration["records"]:
+        if r["kind"] in kinds:
+            for e in calibration["explainers"]:
+                rows.append([r["latent"], e, r[f"explanation_{e}"][:90],
+                             *[r[f"{s}_{e}"] for s in calibration["scorers"]]])
+    return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
+
+
+def calibrated_scorers(seed: int = 0) -> tuple[str, ...]:
+    """The scorers of the largest committed baseline-explainer calibration of ``seed`` (``()`` if none)."""
+    for k in range(len(SCORERS), 0, -1):
+        for combo in itertools.combinations(SCORERS, k):
+            if has_results(gates_file(seed, ("baseline",), combo)):
+                return combo
+    return ()
+
+
+def has_results(name: str) -> bool:
+    """Whether ``book/results/<name>`` exists."""
+    return (results_path("x").parent / name).is_file()
+
+
+def load_results(name: str) -> dict:
+    """A committed results file of ``book/results`` (e.g. ``interp_gates_seed0.json``)."""
+    path = results_path("x").parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run python -m wsae_core.experiments interp gates|score (see the chapter)")
+    return json.loads(path.read_text())
+
+
+def scores_file(profile: Profile, scorers=SCORERS) -> str:
+    """File name of the scores of a run of ``scorers`` on the SAEs of ``profile``."""
+    return f"interp_scores_{profile}_{'+'.join(scorers)}.json"
+
+
+def gates_file(seed: int = 0, explainers=("baseline",), scorers=SCORERS) -> str:
+    """File name of a calibration of ``scorers`` with ``explainers`` on the planted latents of ``seed``
+    (the same in every profile)."""
+    return f"interp_gates_seed{seed}_{'+'.join(explainers)}_{'+'.join(scorers)}.json"
 
 
 if __name__ == "__main__":
