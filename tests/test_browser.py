@@ -7,7 +7,8 @@ failure, so the checks below prove the book reads offline:
 * math is typeset by the vendored MathJax (``mjx-container`` elements, no raw ``$$`` left);
 * every image (figure) loads;
 * widgets saved in a chapter render (the vendored ipywidgets manager draws them);
-* no page logs a console error or throws.
+* no page logs a console error or throws;
+* no page shows a Markdown table as raw text (``| a | b |`` lines outside code blocks).
 
 Screenshots of every page go to ``<build>/../screenshots/`` (``_build/test/_build/screenshots``
 under ``make test``) as test artifacts.
@@ -100,6 +101,13 @@ def _typeset(page) -> None:
 
 CHAPTERS = [p for p in pages() if p.parent.name == "book"]
 
+# Text lines that look like a pipe-table row, outside code and printed outputs (pre).
+_RAW_TABLE_ROWS = """() => {
+  const root = (document.querySelector('article') || document.body).cloneNode(true);
+  root.querySelectorAll('pre, code, table, mjx-container, script, style').forEach(e => e.remove());
+  return root.textContent.split('\\n').map(l => l.trim()).filter(l => /^\\|.*\\|.*\\|$/.test(l));
+}"""
+
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_renders_offline(browser, server, path: Path):
@@ -115,6 +123,8 @@ def test_chapter_renders_offline(browser, server, path: Path):
             raw = page.evaluate("() => document.querySelector('article') ? "
                                 "document.querySelector('article').innerText : document.body.innerText")
             assert "$$" not in raw and "\\frac" not in raw, f"{rel}: raw TeX visible after typesetting"
+        raw_rows = page.evaluate(_RAW_TABLE_ROWS)
+        assert not raw_rows, f"{rel}: Markdown tables shown as raw text: {raw_rows[:3]}"
         broken = page.evaluate("() => Array.from(document.images)"
                                ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
         assert not broken, f"{rel}: images failed to load: {broken}"

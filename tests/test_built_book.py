@@ -113,3 +113,16 @@ def test_figures_are_embedded_images():
     for src in local:
         if not src.startswith("data:"):
             assert (page.parent / src.split("?")[0]).resolve().is_file(), f"missing figure file {src}"
+
+
+@pytest.mark.skipif(bool(os.environ.get("WSAE_REPO_URL")), reason="this build has a repository for the launch buttons")
+def test_no_launch_buttons_without_a_repository():
+    """Without WSAE_REPO_URL the book has no repository to launch: no Binder/Colab button may point
+    elsewhere (Jupyter Book's default would be its own repository)."""
+    offenders = []
+    for page in pages():
+        soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+        for a in soup.find_all("a", href=True):
+            if any(k in a["href"] for k in ("mybinder.org", "colab.research.google.com", "executablebooks/jupyter-book")):
+                offenders.append(f"{page.relative_to(HTML)}: {a['href']}")
+    assert not offenders, "launch links without a repository:\n" + "\n".join(offenders[:10])
