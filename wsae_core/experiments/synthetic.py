@@ -293,7 +293,8 @@ def describe_method(records: list[dict], model: str, method: str, metric: str = 
     if not said:
         body = f"no change beyond its 95 % interval at any of the {len(ch['S'])} sparsities"
     else:
-        body = "; ".join(said) + (f"; within noise at the other {n_quiet}" if n_quiet else "")
+        body = "; ".join(said) + (f"; within noise at the other {n_quiet} sparsit{'y' if n_quiet == 1 else 'ies'}"
+                                  if n_quiet else "")
     return (f"**{method}**: error per active coordinate: {body}. Reconstruction error of $x_p$ at "
             f"$S = {rec['S'][0]:g}$: {_pct(rec['mean'][0])}.")
 
@@ -332,7 +333,7 @@ def overall(records: list[dict], metric: str = "l_gt_nonzero", baseline: str = "
                        if change_verdict(mu, ci) == "higher"})
         vparts.append(f"for the {_MODEL[mo]} it lowers the error at "
                       + (f"$S \\in \\{{{', '.join(low)}\\}}$" if low else "no sparsity")
-                      + " and raises it at " + (f"$S \\in \\{{{', '.join(high)}\\}}$" if high else "none"))
+                      + " and raises it at " + (f"$S \\in \\{{{', '.join(high)}\\}}$" if high else "no sparsity"))
     S0 = rec[models[0], methods[0]]["S"][0]
     rparts = [f"{_MODEL[mo]}: " + ", ".join(f"{me} {_pct(rec[mo, me]['mean'][0])}" for me in methods) for mo in models]
     return {
