@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from toc import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,7 @@ def typed_numbers(markdown: str) -> list[str]:
 
 
 def _toc_pages() -> list[Path]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    docs = [toc["root"]]
-    for part in toc.get("parts", []):
-        for ch in part.get("chapters", []):
-            docs.append(ch["file"])
-            docs += [s["file"] for s in ch.get("sections", [])]
+    docs = toc_files()
     found = []
     for d in docs:
         for ext in (".ipynb", ".md"):

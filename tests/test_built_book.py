@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from bs4 import BeautifulSoup
+from toc import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 _env = os.environ.get("WSAE_BUILT_HTML")
@@ -30,16 +30,6 @@ LOADING = {"script": "src", "img": "src", "iframe": "src", "source": "src", "vid
            "audio": "src", "embed": "src", "object": "data"}
 CSS_URL = re.compile(r"url\(\s*['\"]?((?:https?:)?//[^)'\"]+)", re.I)
 CSS_IMPORT = re.compile(r"@import\s+['\"]((?:https?:)?//[^'\"]+)", re.I)
-
-
-def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-    for part in toc.get("parts", []):
-        for ch in part.get("chapters", []):
-            files.append(ch["file"])
-            files += [s["file"] for s in ch.get("sections", [])]
-    return files
 
 
 def pages() -> list[Path]:
