@@ -115,3 +115,13 @@ def test_the_check_catches_typed_results():
     glued = "The error is still {glue:text}`gt_top:.3f` at {doc}`closed_form`, `lr=3e-2`, [x](a/1.5)."
     assert typed_numbers(glued) == []
     assert typed_numbers("Theorem 4, blocks [1, 2, 3], 3 seeds, Pythia-160M, Llama-3.1-8B, $(1-S)^2/4$") == []
+
+
+@pytest.mark.parametrize("path", _toc_pages(), ids=lambda p: p.name)
+def test_no_prose_line_is_swallowed_as_a_comment(path):
+    """MyST drops a line that starts with ``%`` (a comment): a wrapped "... score (\\n%)" vanishes."""
+    cells = ([{"cell_type": "markdown", "source": path.read_text(encoding="utf-8")}] if path.suffix == ".md"
+             else json.loads(path.read_text(encoding="utf-8"))["cells"])
+    bad = [f"cell {i}: {line.strip()[:60]}" for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+           for line in "".join(c["source"]).splitlines() if line.lstrip().startswith("%")]
+    assert not bad, f"{path.name}: lines MyST would drop as comments:\n" + "\n".join(bad)
