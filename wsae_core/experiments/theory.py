@@ -13,6 +13,7 @@ vectors; ``tol = 0.05`` on the largest entry-wise difference after matching rows
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -223,8 +224,6 @@ def findings(records: list[dict], tol: float = 0.05) -> dict[str, Any]:
 
 def _slug(name: str) -> str:
     """A glue key for a config name: ``"random n=8, n_p=5"`` -> ``"random_n_8_n_p_5"``."""
-    import re
-
     return re.sub(r"\W+", "_", name).strip("_")
 
 
