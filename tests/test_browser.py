@@ -42,6 +42,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-dev-shm-usage"]
 # Console noise that is not a page error: the browser's own favicon probe.
 BENIGN = ("favicon.ico",)
+# Generous waits: on a 2-core machine shared with other jobs a page with many figures can take more
+# than Playwright's default 30 s to go idle. Nothing is fetched from outside, so waiting hides nothing.
+TIMEOUT_MS = 180_000
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -70,6 +73,7 @@ def browser():
 def _open(browser, server, rel: str):
     """Load one page with outside requests blocked; return (page, problems)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     problems: list[str] = []
 
@@ -95,7 +99,7 @@ def _typeset(page) -> None:
     """Wait until the vendored MathJax has typeset the page (if the page loads it)."""
     if page.locator("script[src*='tex-mml-chtml']").count():
         page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-                               timeout=30_000)
+                               timeout=TIMEOUT_MS)
         page.evaluate("() => MathJax.startup.promise.then(() => true)")
 
 
@@ -129,7 +133,7 @@ def test_chapter_renders_offline(browser, server, path: Path):
                                ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
         assert not broken, f"{rel}: images failed to load: {broken}"
         if "application/vnd.jupyter.widget-view+json" in html:
-            page.wait_for_selector(".jupyter-widgets", timeout=20_000)
+            page.wait_for_selector(".jupyter-widgets", timeout=TIMEOUT_MS)
             n_widgets = page.locator(".jupyter-widgets").count()
             assert n_widgets > 0, f"{rel}: widget outputs present but none rendered"
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
