@@ -13,6 +13,10 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 ASSETS := book/static/.vendored
 TEST_BUILD := _build/test
+# Numeric unit tests re-run by `make test` on torch's portable kernels (no SIMD) with one thread: a
+# check that holds on every CPU type must hold there too (see CONTRIBUTING.md, "Portable checks").
+PORTABLE_TESTS := tests/test_metrics.py tests/test_geometry.py tests/test_symbolic.py tests/test_data.py \
+	tests/test_weights.py tests/test_models.py tests/test_train.py
 
 # Offline by construction: no model hub, quiet progress bars, stable notebook output.
 export HF_HUB_OFFLINE := 1
@@ -70,6 +74,8 @@ test: setup $(TEST_STAMP) browser
 	WSAE_PROFILE=ci WSAE_REQUIRE_BROWSER=1 WSAE_BUILT_HTML=$(TEST_BUILD)/_build/html $(BIN)/python -m pytest tests book \
 		--nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 \
 		-p no:cacheprovider -q
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WSAE_PROFILE=ci \
+		$(BIN)/python -m pytest $(PORTABLE_TESTS) -p no:cacheprovider -q
 
 unit: setup
 	WSAE_PROFILE=ci $(BIN)/python -m pytest tests -q -p no:cacheprovider

@@ -7,7 +7,8 @@ failure, so the checks below prove the book reads offline:
 * math is typeset by the vendored MathJax (``mjx-container`` elements, no raw ``$$`` left);
 * every image (figure) loads;
 * widgets saved in a chapter render (the vendored ipywidgets manager draws them);
-* no page logs a console error or throws.
+* no page logs a console error or throws;
+* no page shows a Markdown table as raw text (``| a | b |`` lines outside code blocks).
 
 Screenshots of every page go to ``<build>/../screenshots/`` (``_build/test/_build/screenshots``
 under ``make test``) as test artifacts.
@@ -41,6 +42,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-dev-shm-usage"]
 # Console noise that is not a page error: the browser's own favicon probe.
 BENIGN = ("favicon.ico",)
+# Generous waits: on a 2-core machine shared with other jobs a page with many figures can take more
+# than Playwright's default 30 s to go idle. Nothing is fetched from outside, so waiting hides nothing.
+TIMEOUT_MS = 180_000
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -69,6 +73,7 @@ def browser():
 def _open(browser, server, rel: str):
     """Load one page with outside requests blocked; return (page, problems)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     problems: list[str] = []
 
@@ -94,11 +99,18 @@ def _typeset(page) -> None:
     """Wait until the vendored MathJax has typeset the page (if the page loads it)."""
     if page.locator("script[src*='tex-mml-chtml']").count():
         page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-                               timeout=30_000)
+                               timeout=TIMEOUT_MS)
         page.evaluate("() => MathJax.startup.promise.then(() => true)")
 
 
 CHAPTERS = [p for p in pages() if p.parent.name == "book"]
+
+# Text lines that look like a pipe-table row, outside code and printed outputs (pre).
+_RAW_TABLE_ROWS = """() => {
+  const root = (document.querySelector('article') || document.body).cloneNode(true);
+  root.querySelectorAll('pre, code, table, mjx-container, script, style').forEach(e => e.remove());
+  return root.textContent.split('\\n').map(l => l.trim()).filter(l => /^\\|.*\\|.*\\|$/.test(l));
+}"""
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -115,11 +127,13 @@ def test_chapter_renders_offline(browser, server, path: Path):
             raw = page.evaluate("() => document.querySelector('article') ? "
                                 "document.querySelector('article').innerText : document.body.innerText")
             assert "$$" not in raw and "\\frac" not in raw, f"{rel}: raw TeX visible after typesetting"
+        raw_rows = page.evaluate(_RAW_TABLE_ROWS)
+        assert not raw_rows, f"{rel}: Markdown tables shown as raw text: {raw_rows[:3]}"
         broken = page.evaluate("() => Array.from(document.images)"
                                ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
         assert not broken, f"{rel}: images failed to load: {broken}"
         if "application/vnd.jupyter.widget-view+json" in html:
-            page.wait_for_selector(".jupyter-widgets", timeout=20_000)
+            page.wait_for_selector(".jupyter-widgets", timeout=TIMEOUT_MS)
             n_widgets = page.locator(".jupyter-widgets").count()
             assert n_widgets > 0, f"{rel}: widget outputs present but none rendered"
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from bs4 import BeautifulSoup
+from toc import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 _env = os.environ.get("WSAE_BUILT_HTML")
@@ -30,16 +30,6 @@ LOADING = {"script": "src", "img": "src", "iframe": "src", "source": "src", "vid
            "audio": "src", "embed": "src", "object": "data"}
 CSS_URL = re.compile(r"url\(\s*['\"]?((?:https?:)?//[^)'\"]+)", re.I)
 CSS_IMPORT = re.compile(r"@import\s+['\"]((?:https?:)?//[^'\"]+)", re.I)
-
-
-def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-    for part in toc.get("parts", []):
-        for ch in part.get("chapters", []):
-            files.append(ch["file"])
-            files += [s["file"] for s in ch.get("sections", [])]
-    return files
 
 
 def pages() -> list[Path]:
@@ -113,3 +103,16 @@ def test_figures_are_embedded_images():
     for src in local:
         if not src.startswith("data:"):
             assert (page.parent / src.split("?")[0]).resolve().is_file(), f"missing figure file {src}"
+
+
+@pytest.mark.skipif(bool(os.environ.get("WSAE_REPO_URL")), reason="this build has a repository for the launch buttons")
+def test_no_launch_buttons_without_a_repository():
+    """Without WSAE_REPO_URL the book has no repository to launch: no Binder/Colab button may point
+    elsewhere (Jupyter Book's default would be its own repository)."""
+    offenders = []
+    for page in pages():
+        soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+        for a in soup.find_all("a", href=True):
+            if any(k in a["href"] for k in ("mybinder.org", "colab.research.google.com", "executablebooks/jupyter-book")):
+                offenders.append(f"{page.relative_to(HTML)}: {a['href']}")
+    assert not offenders, "launch links without a repository:\n" + "\n".join(offenders[:10])

@@ -107,6 +107,27 @@ def test_equivalent_and_match_rows():
     np.testing.assert_array_equal(Wm[g.match_rows(Wm, W.T)], W.T)
 
 
+def test_match_rows_is_signed_and_stable():
+    # Rows w and -w (digons, squares) are never confused, whatever the order of the rows.
+    W = g.superposition_matrix([2, 4, 2])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        perm = rng.permutation(W.shape[1] + 2)
+        Wm = np.vstack([W.T, np.zeros((2, W.shape[0]))])[perm]
+        np.testing.assert_array_equal(Wm[g.match_rows(Wm, W.T)], W.T)
+        flipped = W.T.copy()
+        flipped[0] *= -1  # now two rows -e and none +e on the first digon's axis
+        assert g.equivalent(Wm, W.T) and not g.equivalent(Wm, flipped)
+    # Exact ties (a 45-degree frame against a square) resolve the same under last-bit noise.
+    A = np.array([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]]) / np.sqrt(2)
+    ref = g.match_rows(A, g.superposition_matrix([4]).T)
+    for _ in range(20):
+        noisy = A * (1 + 1e-13 * rng.standard_normal(A.shape))
+        np.testing.assert_array_equal(g.match_rows(noisy, g.superposition_matrix([4]).T), ref)
+    with pytest.raises(ValueError, match="finite"):
+        g.stable_assignment(np.array([[np.nan]]))
+
+
 def test_theorem2_one_sparse_recovery_random_wp():
     """Theorem 2 at S -> 1: a 1-sparse x is recovered exactly under non-positive interference."""
     rng = np.random.default_rng(0)

@@ -2,7 +2,8 @@
 golden-number end-to-end run (dictionary_learning style: a silent change in a number fails loudly)."""
 
 import json
-import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -121,33 +122,63 @@ def test_dead_latent_tracking():
     assert t.steps_since_fired[0] >= 30
 
 
-# Golden numbers: theory SAE and WSAE (oracle Γ) on mono + digon + triangle, S = 0.9, fixed seeds.
-# Relative tolerance 2%: loose enough for another CPU's GEMM rounding, tight enough that a changed
-# sampler, initialisation, schedule or loss fails.
-EXPECTED_RESULTS = {
-    "theory_sae": {"mean_cosine": 0.745980, "l_gt": 0.236864, "recon_x_p": 0.00683742},
-    "theory_wsae_oracle": {"mean_cosine": 0.833885, "l_gt": 0.156489, "recon_x_p": 0.00978818},
-}
-TOLERANCE = 0.02
+# Golden numbers only where the computation is not chaotic: a fixed-weight forward pass on a seeded
+# sample (torch's CPU generator gives the same sample on every CPU; float32 rounding moves the
+# metrics by ~1e-7 relative). The closed form W_pᵀ of mono + digon + triangle, its rows shuffled into
+# 8 latents, S = 0.9. A changed sampler, forward pass, matching or metric fails loudly.
+EXPECTED_FIXED_WEIGHTS = {"mean_cosine": 1.0, "matched": 1.0, "l_gt": 0.00743638, "l_gt_nonzero": 0.0123118,
+                          "l_gt_unmatched": 0.0, "recon_x_p": 0.00165926, "shrinkage": 0.936700,
+                          "vanished": 0.0464834, "l0": 0.575928, "dead": 0.25}
 
 
-def _golden_run(rule):
+def test_golden_fixed_weights():
+    W = geometry.superposition_matrix([1, 2, 3])
+    src = data.SparseSource(W, 0.9)
+    x, _ = src.sample_pair(4096, torch.Generator().manual_seed(123))
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8, seed=0))
+    rows = torch.zeros(8, 4)
+    rows[[5, 2, 7, 0, 3, 1]] = torch.tensor(W.T, dtype=torch.float32)
+    with torch.no_grad():
+        sae.W_m.copy_(rows)
+    got = metrics.evaluate_recovery(sae, x, W)
+    for key, want in EXPECTED_FIXED_WEIGHTS.items():
+        assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-12), (key, got[key], want)
+    # The same L_GT in float64 by the theory module (latent i = feature i there).
+    assert got["l_gt"] == pytest.approx(geometry.theory_losses(W, W.T, x.double().numpy()).gt.mean(), rel=1e-5)
+
+
+# The end point of a training run is chaotic: another CPU's rounding sends it elsewhere (on an
+# AVX-512 machine the golden numbers once pinned here moved by a factor of 2). So the trained
+# pipeline is tested by properties that hold for every seed, with wide margins.
+def _trained(rule, seed):
     W = geometry.superposition_matrix([1, 2, 3])
     src = data.SparseSource(W, 0.9)
     gamma = weights.make_gamma(rule, n_p=4, W_p=W)
-    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=6, seed=0))
-    cfg = train.TrainConfig(steps=400, batch_size=256, lr=2e-2, warmup_steps=20, seed=0, progress=False, threads=1)
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=6, seed=seed))
+    cfg = train.TrainConfig(steps=400, batch_size=256, lr=2e-2, warmup_steps=20, seed=seed, progress=False, threads=1)
     train.Trainer(sae, src, cfg, gamma=gamma).fit()
-    x, _ = src.sample_pair(4096, torch.Generator().manual_seed(123))
-    return metrics.evaluate_recovery(sae, x, W)
+    x, x_p = src.sample_pair(4096, torch.Generator().manual_seed(123))
+    return W, sae, x, x_p, metrics.evaluate_recovery(sae, x, W)
 
 
-@pytest.mark.parametrize("name, rule", [("theory_sae", "uniform"), ("theory_wsae_oracle", "oracle")])
-def test_golden_end_to_end(name, rule):
-    got = _golden_run(rule)
-    for key, want in EXPECTED_RESULTS[name].items():
-        assert want is not None, f"{name}.{key} = {got[key]!r} (fill EXPECTED_RESULTS)"
-        assert math.isclose(got[key], want, rel_tol=TOLERANCE), (name, key, got[key], want)
+@pytest.mark.parametrize("rule", ["uniform", "oracle"])
+def test_end_to_end_properties_over_seeds(rule):
+    checked = 0
+    for seed in range(3):
+        W, sae, x, x_p, r = _trained(rule, seed)
+        energy_x_p = float((x_p.double() ** 2).sum(1).mean())
+        energy_x = float((x.double() ** 2).sum(1).mean())
+        # Training reconstructs x_p far better than the zero encoder, and recovers x better than 0.
+        assert r["recon_x_p"] < 0.2 * energy_x_p, (seed, r["recon_x_p"], energy_x_p)
+        assert r["l_gt"] < 0.75 * energy_x, (seed, r["l_gt"], energy_x)
+        # L_GT of the signed matching equals the theory module's L_GT on W_m reordered by it
+        # (two implementations, float32 against float64): the matching pairs latents correctly.
+        perm = metrics.match_latents(sae.W_m.detach(), W).perm
+        if (perm >= 0).all():
+            W_m = sae.W_m.detach().double().numpy()[perm]
+            assert r["l_gt"] == pytest.approx(geometry.theory_losses(W, W_m, x.double().numpy()).gt.mean(), rel=1e-4)
+            checked += 1
+    assert checked >= 2, "the matching left a feature without a latent in most seeds"
 
 
 @pytest.mark.parametrize("kind", ["theory", "relu", "topk"])

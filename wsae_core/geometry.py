@@ -28,6 +28,7 @@ __all__ = [
     "has_nonpositive_interference",
     "closed_form_sae",
     "recover",
+    "stable_assignment",
     "match_rows",
     "equivalent",
     "frobenius_optimal_gamma",
@@ -276,19 +277,41 @@ def recover(W_m: Any, x_p: Any) -> np.ndarray:
     return np.maximum(X @ W.T, 0.0)
 
 
-def match_rows(A: Any, B: Any) -> np.ndarray:
-    """The assignment of rows of ``B`` (n, ...) to rows of ``A`` (n_m, ...) that minimises the
-    total squared difference (Hungarian algorithm). Returns ``perm`` with ``A[perm[i]] ~ B[i]``.
+def stable_assignment(score: Any, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian assignment (scipy's ``linear_sum_assignment``) that every CPU computes alike.
+
+    ``score`` ``(rows, cols)``; returns ``(row_ind, col_ind)`` as scipy does. Scores are first
+    rounded to 1e-9 of the largest ``|score|``: two CPUs whose matmul kernels round differently
+    produce scores that differ in the last bits, and near-ties would otherwise resolve differently
+    from one machine to the other. Exact ties that remain are resolved by scipy's algorithm, which
+    is deterministic: identical input, identical assignment.
     """
     from scipy.optimize import linear_sum_assignment
 
+    C = np.asarray(score, dtype=float)
+    if C.ndim != 2 or not np.all(np.isfinite(C)):
+        raise ValueError(f"score must be a finite 2-D matrix, got shape {C.shape}")
+    scale = float(np.max(np.abs(C), initial=0.0))
+    if scale > 0:
+        C = np.round(C / scale, 9)
+    return linear_sum_assignment(C, maximize=maximize)
+
+
+def match_rows(A: Any, B: Any) -> np.ndarray:
+    """The assignment of rows of ``B`` (n, ...) to rows of ``A`` (n_m, ...) that minimises the
+    total squared difference (Hungarian algorithm). Returns ``perm`` with ``A[perm[i]] ~ B[i]``.
+
+    The cost is signed: a row ``-w`` is at distance ``2||w||`` from ``w``, so a digon's ``w`` and
+    ``-w`` are never confused (unlike a matching by ``|cosine|``). Near-ties are resolved alike on
+    every CPU (:func:`stable_assignment`).
+    """
     a, b = _rows(A, "A"), _rows(B, "B")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"A and B must have rows of the same length, got {a.shape} and {b.shape}")
     if a.shape[0] < b.shape[0]:
         raise ValueError(f"A needs at least as many rows as B (zero padding), got {a.shape[0]} < {b.shape[0]}")
     cost = ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)
-    rows, cols = linear_sum_assignment(cost)
+    rows, cols = stable_assignment(cost)
     perm = np.empty(b.shape[0], dtype=int)
     perm[rows] = cols
     return perm

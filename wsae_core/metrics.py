@@ -1,9 +1,23 @@
 """What a trained SAE recovered (chapters *Training meets theory*, *WSAE on synthetic data*).
 
 Conventions: ground truth ``x`` ``(batch, n)``; latents ``(batch, n_m)``; W_p ``(n_p, n)``;
-the SAE's feature directions ``(n_m, n_p)`` (theory SAE: rows of W_m; practical SAE: decoder rows).
-Latents are compared with ground-truth features after :func:`match_latents` pairs each feature
-``i`` with one latent ``perm[i]`` (the paper's "~", estimated by a Hungarian assignment).
+the SAE's feature directions ``(n_m, n_p)``. Latents are compared with ground-truth features after
+:func:`match_latents` pairs each feature ``i`` with at most one latent ``perm[i]`` (the paper's
+"~": a permutation plus zero padding).
+
+Which direction stands for a latent. A latent is non-negative (ReLU or Top-k), so it can only
+*add* its direction to the reconstruction and it only *fires* for inputs on its positive side:
+
+* theory SAE (tied, no bias): the row ``W_m[j]`` is both the encoder and the decoder of latent j;
+  ``relu(W_m[j] @ W_p x)`` fires for feature i only when ``W_m[j] @ w_i > 0``;
+* practical SAE: the decoder row ``W_dec[j]`` is what latent j writes into ``x_p``; a latent
+  whose decoder row points along ``-w_i`` can only reconstruct ``-w_i``.
+
+So a latent can stand for feature i only if its direction points *along* ``w_i`` (positive
+cosine). Matching by ``|cosine|`` cannot tell a feature ``w`` from its digon partner ``-w`` (every
+latent has the same ``|cos|`` with both); the assignment between them is then an arbitrary
+tie-break, and L_GT, shrinkage and vanishing computed on it can be wrong on any machine, for
+digons, squares and every even polygon.
 """
 
 from __future__ import annotations
@@ -47,35 +61,41 @@ def _np(a: Any, name: str, ndim: int) -> np.ndarray:
 
 
 class Matching(NamedTuple):
-    """``perm[i]``: the latent matched to feature ``i`` ``(n,)``; ``cosines[i]``: their |cosine|;
-    ``mean_cosine``: the mean over features (1 = every feature found exactly, up to sign)."""
+    """Result of :func:`match_latents`."""
 
     perm: np.ndarray
+    """``(n,)``: the latent matched to feature i, or -1 when no latent points along ``w_i``."""
     cosines: np.ndarray
+    """``(n,)``: cosine between feature i and its latent's direction, in (0, 1]; 0 if unmatched."""
     mean_cosine: float
+    """Mean of ``cosines`` over the features (1 = every feature found exactly, with its sign)."""
 
 
 def match_latents(directions: Any, W_p: Any) -> Matching:
-    """Hungarian assignment of latents to ground-truth features maximising total |cosine|.
+    """Assign latents to ground-truth features by *signed* alignment (Hungarian algorithm).
 
-    ``directions`` ``(n_m, n_p)`` are the SAE's latent directions, ``W_p`` ``(n_p, n)`` the true
-    features (columns). With ``n_m >= n`` every feature gets its own latent; with ``n_m < n`` only
-    ``n_m`` features are matched and the rest get ``perm = -1`` and cosine 0.
+    ``directions`` ``(n_m, n_p)`` are the SAE's latent directions (theory SAE: rows of ``W_m``;
+    practical SAE: decoder rows; any norm), ``W_p`` ``(n_p, n)`` the features (columns). Maximises
+    the total ``max(cos(d_j, w_i), 0)``: a latent pointing away from a feature (cosine <= 0) can
+    never stand for it, so ``w`` and ``-w`` are told apart by construction. A feature left with no
+    latent of positive cosine gets ``perm = -1`` (it is recovered as 0), as do features beyond
+    ``n_m``. Near-ties resolve alike on every CPU (:func:`wsae_core.geometry.stable_assignment`).
     """
-    from scipy.optimize import linear_sum_assignment
+    from .geometry import stable_assignment
 
     D, W = _np(directions, "directions", 2), _np(W_p, "W_p", 2)
     if D.shape[1] != W.shape[0]:
         raise ValueError(f"directions must be (n_m, n_p = {W.shape[0]}) to match W_p {W.shape}, got {D.shape}")
     Dn = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
     Wn = W / np.maximum(np.linalg.norm(W, axis=0, keepdims=True), 1e-12)
-    cos = np.abs(Wn.T @ Dn.T)  # (n, n_m)
-    rows, cols = linear_sum_assignment(cos, maximize=True)
+    score = np.maximum(Wn.T @ Dn.T, 0.0)  # (n, n_m): signed alignment, pointing away counts 0
+    rows, cols = stable_assignment(score, maximize=True)
     n = W.shape[1]
     perm = np.full(n, -1, dtype=int)
-    perm[rows] = cols
     cosines = np.zeros(n)
-    cosines[rows] = cos[rows, cols]
+    along = score[rows, cols] > 0
+    perm[rows[along]] = cols[along]
+    cosines[rows[along]] = score[rows[along], cols[along]]
     return Matching(perm, cosines, float(cosines.mean()))
 
 
@@ -93,29 +113,44 @@ def _matched(latents: Any, perm: Any) -> np.ndarray:
 
 
 class GroundTruthError(NamedTuple):
-    """``all``: the paper's L_GT = E||x - x̃||² (sum over the n features, mean over samples).
-    ``nonzero``: mean of (x_i - x̃_i)² over the active coordinates (x_i != 0) only, a per-coordinate
-    error comparable across S. ``zero``: mean of x̃_i² over the inactive coordinates (false firing)."""
+    """Result of :func:`ground_truth_error`."""
 
     all: float
+    """The paper's L_GT = E||pad(x) - P x_m||² for the matching P (sum over features and the
+    latents matched to none, mean over samples)."""
     nonzero: float
+    """Mean of (x_i - x̃_i)² over the active coordinates (x_i != 0) only: a per-coordinate error
+    comparable across S."""
     zero: float
+    """Mean of x̃_i² over the inactive coordinates (a feature's latent firing while it is absent)."""
+    unmatched: float
+    """E[sum of squared activations of the latents matched to no feature] (the zero padding of "~":
+    those latents should stay silent). Part of ``all``."""
 
 
 def ground_truth_error(x: Any, latents: Any, perm: np.ndarray | None = None) -> GroundTruthError:
     """L_GT between ``x`` ``(batch, n)`` and the matched latents ``x̃ = latents[:, perm]``.
 
+    ``latents`` ``(batch, n_m)``; ``perm`` ``(n,)`` from :func:`match_latents` (-1 = no latent).
+    Latents not in ``perm`` are compared with 0, as the zero padding of the paper's "~" asks.
     Without ``perm`` the latents must already be aligned with x (``(batch, n)``).
     """
     X = _np(x, "x", 2)
-    Xt = _np(latents, "latents", 2) if perm is None else _matched(latents, np.asarray(perm))
+    L = _np(latents, "latents", 2)
+    if perm is None:
+        Xt, rest = L, np.zeros((L.shape[0], 0))
+    else:
+        p = np.asarray(perm)
+        Xt = _matched(L, p)
+        rest = L[:, np.setdiff1d(np.arange(L.shape[1]), p[p >= 0])]
     if Xt.shape != X.shape:
         raise ValueError(f"matched latents must have shape {X.shape}, got {Xt.shape}")
     sq = (X - Xt) ** 2
     active = X != 0
     nz = float(sq[active].mean()) if active.any() else 0.0
     z = float(sq[~active].mean()) if (~active).any() else 0.0
-    return GroundTruthError(float(sq.sum(1).mean()), nz, z)
+    extra = float((rest**2).sum(1).mean())
+    return GroundTruthError(float(sq.sum(1).mean()) + extra, nz, z, extra)
 
 
 def reconstruction_error(x_p: Any, x_hat: Any) -> float:
@@ -188,10 +223,12 @@ def dense_fraction(latents: Any, threshold: float = 0.5) -> float:
 def evaluate_recovery(model: torch.nn.Module, x: torch.Tensor, W_p: Any) -> dict[str, float]:
     """All recovery metrics of a trained SAE on a held-out ground-truth batch ``x`` ``(batch, n)``.
 
-    Returns a dict: ``mean_cosine`` (matched |cosine| of directions), ``l_gt`` (paper's L_GT),
-    ``l_gt_nonzero``, ``l_gt_zero``, ``recon_x_p`` (E||x_p - x̂_p||²), ``fvu``, ``shrinkage`` (mean
-    per-feature ratio), ``vanished``, ``l0``, ``dead``, ``dense``. Latents are matched to features
-    by direction (:func:`match_latents`).
+    Returns a dict: ``mean_cosine`` (matched signed cosine of directions, unmatched = 0),
+    ``matched`` (fraction of features with a latent pointing along them), ``l_gt`` (the paper's
+    L_GT, padding included), ``l_gt_nonzero``, ``l_gt_zero``, ``l_gt_unmatched``, ``recon_x_p``
+    (E||x_p - x̂_p||²), ``fvu``, ``shrinkage`` (mean per-feature ratio), ``vanished``, ``l0``,
+    ``dead``, ``dense``. Latents are matched to features by the direction of
+    ``model.feature_directions()`` (:func:`match_latents`).
     """
     Wd, xd = _np(W_p, "W_p", 2), _np(x, "x", 2)
     cfg = getattr(model, "cfg", None)
@@ -208,21 +245,24 @@ def evaluate_recovery(model: torch.nn.Module, x: torch.Tensor, W_p: Any) -> dict
     dev = next(model.parameters()).device
     x = torch.as_tensor(xd, dtype=torch.float32)
     x_p = (x @ W.T).to(dev)
-    lat = model.encode(x_p)
-    rec = model.decode(lat)
+    lat = model.encode(x_p).cpu()
+    rec = model.decode(lat.to(dev)).cpu()
+    x_p = x_p.cpu()
     m = match_latents(model.feature_directions().cpu(), W_p)
-    gt = ground_truth_error(x, lat.cpu(), m.perm)
-    shrink = feature_shrinkage(x, lat.cpu(), m.perm)
+    gt = ground_truth_error(x, lat, m.perm)
+    shrink = feature_shrinkage(x, lat, m.perm)
     return {
         "mean_cosine": m.mean_cosine,
+        "matched": float((m.perm >= 0).mean()),
         "l_gt": gt.all,
         "l_gt_nonzero": gt.nonzero,
         "l_gt_zero": gt.zero,
-        "recon_x_p": reconstruction_error(x_p.cpu(), rec.cpu()),
-        "fvu": fvu(x_p.cpu(), rec.cpu()),
+        "l_gt_unmatched": gt.unmatched,
+        "recon_x_p": reconstruction_error(x_p, rec),
+        "fvu": fvu(x_p, rec),
         "shrinkage": float(np.nanmean(shrink)),
-        "vanished": vanished_fraction(x, lat.cpu(), m.perm),
-        "l0": l0(lat.cpu()),
-        "dead": dead_fraction(lat.cpu()),
-        "dense": dense_fraction(lat.cpu()),
+        "vanished": vanished_fraction(x, lat, m.perm),
+        "l0": l0(lat),
+        "dead": dead_fraction(lat),
+        "dense": dense_fraction(lat),
     }

@@ -352,9 +352,11 @@ def plot_seed_scatter(records: Sequence[dict], key: str, group: str = "config", 
 
 
 def plot_cosine_matrix(directions: Any, W_p: Any, ax: Any = None, title: str | None = None):
-    """|cosine| between an SAE's latent directions ``(n_m, n_p)`` (rows, ordered by their matched
-    feature) and the features, the columns of W_p ``(n_p, n)``: a permutation of the identity
-    (plus zero rows) means the SAE found the features (chapter *Training meets theory*)."""
+    """Signed cosine between an SAE's latent directions ``(n_m, n_p)`` (rows, ordered by their
+    matched feature, :func:`wsae_core.metrics.match_latents`) and the features, the columns of W_p
+    ``(n_p, n)``: a permutation of the identity (plus zero rows) means the SAE found the features.
+    Red = along the feature, blue = against it (a digon's ``w`` and ``-w`` differ only in sign)
+    (chapter *Training meets theory*)."""
     from .metrics import match_latents
 
     D = np.asarray(directions, dtype=float)
@@ -363,9 +365,9 @@ def plot_cosine_matrix(directions: Any, W_p: Any, ax: Any = None, title: str | N
     rest = [j for j in range(D.shape[0]) if j not in set(m.perm.tolist())]
     order = [p for p in m.perm if p >= 0] + rest
     Dn = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
-    C = np.abs(Dn[order] @ (W / np.linalg.norm(W, axis=0, keepdims=True)))
+    C = Dn[order] @ (W / np.linalg.norm(W, axis=0, keepdims=True))
     fig, ax = _figure_and_axes(ax, figsize=(0.35 * W.shape[1] + 1.5, 0.35 * D.shape[0] + 1.0))
-    ax.imshow(C, vmin=0, vmax=1, cmap="Greys", aspect="auto")
+    ax.imshow(C, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
     ax.set_xlabel("feature i")
     ax.set_ylabel("latent (matched order)")
     ax.set_xticks(range(W.shape[1]), [str(i + 1) for i in range(W.shape[1])], fontsize=8)

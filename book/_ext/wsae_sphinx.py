@@ -9,7 +9,8 @@
   which MathJax 3 no longer has; a two-line adapter forwards those calls to MathJax 3.
 * Launch buttons (Binder, Colab) need the public repository that holds the book. It is read from
   the environment at build time, ``WSAE_REPO_URL=https://github.com/OWNER/REPO`` (optionally
-  ``WSAE_REPO_BRANCH``), so a fork builds a book whose buttons open its own notebooks.
+  ``WSAE_REPO_BRANCH``), so a fork builds a book whose buttons open its own notebooks. Without it
+  the buttons are hidden: Jupyter Book would otherwise point them at its own repository.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ window.addEventListener("load", function () {
 
 def _repository_from_env(app, config):
     url = os.environ.get("WSAE_REPO_URL", "").strip()
+    options = dict(config.html_theme_options or {})
     if not url:
+        options["launch_buttons"] = {}
+        config.html_theme_options = options
         return
     if not url.startswith("https://"):
         raise ValueError(f"WSAE_REPO_URL must be an https:// repository URL, got {url!r}")
-    options = dict(config.html_theme_options or {})
     options["repository_url"] = url.rstrip("/")
     options["repository_branch"] = os.environ.get("WSAE_REPO_BRANCH", "main")
     options["path_to_docs"] = ""

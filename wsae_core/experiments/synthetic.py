@@ -23,7 +23,7 @@ import numpy as np
 from ..profile import Profile, pick
 
 __all__ = ["METHODS", "SyntheticSpec", "spec_for", "run_synthetic", "summarise", "summary_table",
-           "paired_change", "change_table", "gammas_for", "topk_k"]
+           "paired_change", "change_verdict", "change_table", "describe_method", "overall", "gammas_for", "topk_k"]
 
 #: (label, rule, alpha) of each method; "SAE" is the uniform rule.
 METHODS: tuple[tuple[str, str, float], ...] = (
@@ -205,19 +205,38 @@ def summarise(records: list[dict], metric: str, model: str) -> dict[str, dict[st
     return out
 
 
-def paired_change(records: list[dict], metric: str, model: str, method: str, baseline: str = "SAE") -> dict[str, np.ndarray]:
+def paired_change(records: list[dict], metric: str, model: str, method: str, baseline: str = "SAE",
+                  level: float = 0.95) -> dict[str, np.ndarray]:
     """Relative change of ``metric`` for ``method`` vs ``baseline`` at each S, paired by seed:
-    ``(method - baseline) / baseline``; returns ``{"S", "mean", "sem"}`` (negative = lower)."""
+    ``(method - baseline) / baseline``. Returns ``{"S", "mean", "sem", "ci", "n"}`` ``(n_S,)`` each,
+    with ``ci`` the half-width of the Student-t ``level`` interval of the mean over ``n`` seeds
+    (NaN with fewer than 2 seeds). Negative = lower than the baseline."""
+    from scipy.stats import t as student_t
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
     rows = [r for r in records if r["model"] == model]
     Ss = sorted({r["S"] for r in rows})
-    means, sems = [], []
+    means, sems, cis, ns = [], [], [], []
     for S in Ss:
         base = {r["seed"]: r[metric] for r in rows if r["S"] == S and r["method"] == baseline}
         new = {r["seed"]: r[metric] for r in rows if r["S"] == S and r["method"] == method}
         d = np.array([(new[s] - base[s]) / base[s] for s in base if s in new and base[s] != 0])
+        sem = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else np.nan
         means.append(d.mean() if d.size else np.nan)
-        sems.append(d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0)
-    return {"S": np.array(Ss), "mean": np.array(means), "sem": np.array(sems)}
+        sems.append(sem)
+        cis.append(student_t.ppf(0.5 + level / 2, d.size - 1) * sem if d.size > 1 else np.nan)
+        ns.append(d.size)
+    return {"S": np.array(Ss), "mean": np.array(means), "sem": np.array(sems), "ci": np.array(cis),
+            "n": np.array(ns)}
+
+
+def change_verdict(mean: float, ci: float) -> str:
+    """``"lower"`` or ``"higher"`` when the interval ``mean ± ci`` excludes 0, else ``"no clear
+    change"`` (also when ``ci`` is NaN: one seed cannot decide)."""
+    if not np.isfinite(ci) or abs(mean) <= ci:
+        return "no clear change"
+    return "lower" if mean < 0 else "higher"
 
 
 def summary_table(records: list[dict], metric: str, model: str, digits: int = 3) -> str:
@@ -235,11 +254,97 @@ def summary_table(records: list[dict], metric: str, model: str, digits: int = 3)
 
 def change_table(records: list[dict], metric: str, model: str, baseline: str = "SAE") -> str:
     """Plain-text table of :func:`paired_change` in percent for every method against ``baseline``:
-    one row per S, ``mean ± s.e.m.`` over seeds (negative = lower than the baseline)."""
+    one row per S, ``mean ± half-width of the 95% t interval`` over seeds; ``*`` marks intervals
+    that exclude 0 (negative = lower than the baseline)."""
     methods = [m for m in dict.fromkeys(r["method"] for r in records if r["model"] == model) if m != baseline]
     ch = {m: paired_change(records, metric, model, m, baseline) for m in methods}
-    lines = [f"{model} SAE: change of {metric} vs {baseline} (%), mean ± s.e.m. over seeds",
-             "     S " + "".join(f"{m:>17s}" for m in methods)]
+    n = int(ch[methods[0]]["n"].max())
+    lines = [f"{model} SAE: change of {metric} vs {baseline} (%), mean ± 95% CI over {n} seeds (* excludes 0)",
+             "     S " + "".join(f"{m:>19s}" for m in methods)]
     for i, S in enumerate(ch[methods[0]]["S"]):
-        lines.append(f"{S:6g} " + "".join(f"{100 * ch[m]['mean'][i]:+9.1f} ± {100 * ch[m]['sem'][i]:4.1f} " for m in methods))
+        cells = []
+        for m in methods:
+            mu, ci = 100 * ch[m]["mean"][i], 100 * ch[m]["ci"][i]
+            star = "*" if change_verdict(mu, ci) != "no clear change" else " "
+            cells.append(f"{mu:+9.1f} ± {ci:5.1f}{star} ")
+        lines.append(f"{S:6g} " + "".join(cells))
     return "\n".join(lines)
+
+
+_MODEL = {"theory": "theory SAE", "topk": "Top-k SAE"}
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:+.1f} %".replace("-", "−")
+
+
+def describe_method(records: list[dict], model: str, method: str, metric: str = "l_gt_nonzero",
+                    baseline: str = "SAE") -> str:
+    """One Markdown sentence on ``method`` against ``baseline`` for ``model``, every number and verdict
+    word computed from ``records``: at which S ``metric`` is significantly lower or higher (95% t
+    interval over seeds), and the change of the x_p reconstruction error at the lowest S. Chapter
+    *WSAE on synthetic data* glues it into its text, so a re-run can never contradict the page."""
+    ch = paired_change(records, metric, model, method, baseline)
+    rec = paired_change(records, "recon_x_p", model, method, baseline)
+    parts = {"lower": [], "higher": []}
+    for S, mu, ci in zip(ch["S"], ch["mean"], ch["ci"]):
+        v = change_verdict(mu, ci)
+        if v != "no clear change":
+            parts[v].append(f"$S = {S:g}$ ({_pct(mu)} ± {100 * ci:.1f})")
+    said = []
+    for word in ("lower", "higher"):
+        if parts[word]:
+            said.append(f"{word} at " + ", ".join(parts[word]))
+    n_quiet = len(ch["S"]) - len(parts["lower"]) - len(parts["higher"])
+    if not said:
+        body = f"no change beyond its 95 % interval at any of the {len(ch['S'])} sparsities"
+    else:
+        body = "; ".join(said) + (f"; within noise at the other {n_quiet} sparsit{'y' if n_quiet == 1 else 'ies'}"
+                                  if n_quiet else "")
+    return (f"**{method}**: error per active coordinate: {body}. Reconstruction error of $x_p$ at "
+            f"$S = {rec['S'][0]:g}$: {_pct(rec['mean'][0])}.")
+
+
+def overall(records: list[dict], metric: str = "l_gt_nonzero", baseline: str = "SAE") -> dict[str, str]:
+    """Markdown sentences summarising the whole sweep for the chapter's verdict, each number and verdict
+    word computed from ``records`` (see :func:`describe_method`). Keys: ``helps`` (where some WSAE
+    lowers ``metric`` beyond its 95% interval), ``hurts`` (where some WSAE raises it), ``variance``
+    (what the variance rule does for each model) and ``recon`` (the x_p reconstruction cost at the
+    lowest S of every method)."""
+    models = list(dict.fromkeys(r["model"] for r in records))
+    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != baseline]
+    ch = {(mo, me): paired_change(records, metric, mo, me, baseline) for mo in models for me in methods}
+    rec = {(mo, me): paired_change(records, "recon_x_p", mo, me, baseline) for mo in models for me in methods}
+
+    def where(word: str) -> str:
+        parts = []
+        for mo in models:
+            hits = [(S, me, mu) for me in methods for S, mu, ci in zip(ch[mo, me]["S"], ch[mo, me]["mean"], ch[mo, me]["ci"])
+                    if change_verdict(mu, ci) == word]
+            if not hits:
+                parts.append(f"{_MODEL[mo]}: at no sparsity")
+                continue
+            Ss = sorted({S for S, _, _ in hits})
+            S_best, me_best, mu_best = max(hits, key=lambda h: abs(h[2]))
+            parts.append(f"{_MODEL[mo]}: at $S \\in \\{{{', '.join(f'{S:g}' for S in Ss)}\\}}$ (largest: {me_best}, "
+                         f"{_pct(mu_best)} at $S = {S_best:g}$)")
+        return "; ".join(parts)
+
+    var = [me for me in methods if me.startswith("WSAE α")]
+    vparts = []
+    for mo in models:
+        low = sorted({f"{S:g}" for me in var for S, mu, ci in zip(ch[mo, me]["S"], ch[mo, me]["mean"], ch[mo, me]["ci"])
+                      if change_verdict(mu, ci) == "lower"})
+        high = sorted({f"{S:g}" for me in var for S, mu, ci in zip(ch[mo, me]["S"], ch[mo, me]["mean"], ch[mo, me]["ci"])
+                       if change_verdict(mu, ci) == "higher"})
+        vparts.append(f"for the {_MODEL[mo]} it lowers the error at "
+                      + (f"$S \\in \\{{{', '.join(low)}\\}}$" if low else "no sparsity")
+                      + " and raises it at " + (f"$S \\in \\{{{', '.join(high)}\\}}$" if high else "no sparsity"))
+    S0 = rec[models[0], methods[0]]["S"][0]
+    rparts = [f"{_MODEL[mo]}: " + ", ".join(f"{me} {_pct(rec[mo, me]['mean'][0])}" for me in methods) for mo in models]
+    return {
+        "helps": "Lower error per active coordinate, beyond the 95 % interval: " + where("lower") + ".",
+        "hurts": "Higher error per active coordinate, beyond the 95 % interval: " + where("higher") + ".",
+        "variance": "The variance rule (α = 0.5 or 1): " + "; ".join(vparts) + ".",
+        "recon": f"Change of the (unweighted) $x_p$ reconstruction error at $S = {S0:g}$: " + "; ".join(rparts) + ".",
+    }
