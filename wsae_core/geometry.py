@@ -349,17 +349,27 @@ def frobenius_optimal_gamma(W_p: Any) -> np.ndarray:
     """The weights ``gamma`` (shape ``(n_p,)``) minimising ``||W_pᵀ Γ² W_p - I||_F``, Γ = diag(gamma).
 
     One explicit form of Theorem 5's weight-selection principle (chosen by this book; the paper
-    states the principle, not a formula). ``W_pᵀΓ²W_p = sum_i gamma_i² r_i r_iᵀ`` with ``r_i`` the
-    rows of W_p, so ``g = gamma²`` solves a non-negative least-squares problem (scipy's ``nnls``).
-    For the monosemantic + digon example it gives ``(1, 1/sqrt(2))``; for the triangle
-    ``sqrt(2/3)`` on both dimensions. Dimensions whose best weight is 0 get gamma = 0.
+    states the principle, not a formula). ``W_pᵀΓ²W_p = sum_i g_i r_i r_iᵀ`` with ``r_i`` the rows
+    of W_p and ``g = gamma²``, so ``||W_pᵀΓ²W_p - I||_F² = gᵀHg - 2bᵀg + n`` with
+    ``H_ij = (r_i·r_j)²`` and ``b_i = ||r_i||²``: a non-negative quadratic programme of size n_p,
+    whatever n is (so it also serves a learned dictionary of thousands of atoms). It is solved
+    as the equivalent non-negative least squares ``min ||Ug - y||`` with ``H = UᵀU``, ``Uᵀy = b``
+    (scipy's ``nnls``). For the monosemantic + digon example it gives ``(1, 1/sqrt(2))``; for the
+    triangle ``sqrt(2/3)`` on both dimensions. Dimensions whose best weight is 0 get gamma = 0.
     """
     from scipy.optimize import nnls
 
     A = _as_matrix(W_p, "W_p")
-    n = A.shape[1]
-    design = np.stack([np.outer(r, r).ravel() for r in A], axis=1)  # (n*n, n_p)
-    g, _ = nnls(design, np.eye(n).ravel())
+    G = A @ A.T  # (n_p, n_p): r_i · r_j
+    H, b = G * G, np.diag(G).copy()
+    lam, V = np.linalg.eigh(H)
+    keep = lam > lam.max(initial=0.0) * 1e-12
+    if not keep.any():  # W_p = 0: every g gives ||-I||; g = 0
+        return np.zeros(A.shape[0])
+    # b lies in the range of H (b = Dᵀ vec(I) for the design D with H = DᵀD), so y is exact.
+    U = np.sqrt(lam[keep])[:, None] * V[:, keep].T
+    y = (V[:, keep].T @ b) / np.sqrt(lam[keep])
+    g, _ = nnls(U, y, maxiter=50 * A.shape[0])
     return np.sqrt(g)
 
 

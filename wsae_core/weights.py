@@ -5,9 +5,15 @@ The WSAE loss is ``L_WSAE = E||Γ(x_p - x̂_p)||² = E sum_i γ_i² (x_p - x̂_p
 does not care about. Rules for γ (shape ``(n_p,)``):
 
 * ``uniform``: γ = 1, the plain SAE (α = 0);
-* ``variance``: ``γ_i ∝ s_i^α`` with ``s_i`` the variance of input dimension ``i`` (the paper's rule);
+* ``variance``: ``γ_i ∝ s_i^α`` with ``s_i`` the variance of input dimension ``i`` (the paper's rule;
+  α may be negative). Three estimates of ``s_i`` (:func:`dimension_variance`): ``raw`` (the
+  paper's), ``winsorised`` (the per-dimension variances clipped at their
+  :data:`WINSOR_QUANTILE` quantile, so that a few massive dimensions cannot take all the weight)
+  and ``unit_rms`` (the variance after every sample is scaled to unit RMS);
 * ``oracle``: :func:`wsae_core.geometry.frobenius_optimal_gamma` (needs the true W_p; the book's
-  formalisation of Theorem 5's principle, minimising ``||W_pᵀΓ²W_p - I||_F``).
+  formalisation of Theorem 5's principle, minimising ``||W_pᵀΓ²W_p - I||_F``);
+* ``learned_oracle``: the same Frobenius-optimal Γ for the dictionary a plain SAE learned (its
+  decoder rows standing in for the unknown columns of W_p): an oracle estimated from data.
 
 Normalisation (the paper leaves it open): every rule is rescaled so that ``mean(γ²) = 1``. The loss
 is then a weighted average of the per-dimension errors with weights averaging 1, so α changes which
@@ -33,14 +39,24 @@ __all__ = [
     "validate_gamma",
     "normalise_gamma",
     "uniform_gamma",
+    "VarianceEstimate",
+    "VARIANCE_ESTIMATES",
+    "WINSOR_QUANTILE",
+    "dimension_variance",
     "variance_gamma",
     "oracle_gamma",
+    "learned_oracle_gamma",
     "make_gamma",
     "wsae_loss",
 ]
 
-GammaRule = Literal["uniform", "variance", "oracle"]
-GAMMA_RULES: tuple[str, ...] = ("uniform", "variance", "oracle")
+GammaRule = Literal["uniform", "variance", "oracle", "learned_oracle"]
+GAMMA_RULES: tuple[str, ...] = ("uniform", "variance", "oracle", "learned_oracle")
+VarianceEstimate = Literal["raw", "winsorised", "unit_rms"]
+VARIANCE_ESTIMATES: tuple[str, ...] = ("raw", "winsorised", "unit_rms")
+#: Quantile of the per-dimension variances at which the ``winsorised`` estimate clips them: with
+#: d = 576 the largest 1 % (6 dimensions) are brought down to the 99th percentile.
+WINSOR_QUANTILE = 0.99
 
 
 def validate_gamma(gamma: Any, n_p: int | None = None) -> Tensor:
@@ -78,14 +94,7 @@ def uniform_gamma(n_p: int) -> Tensor:
     return torch.ones(int(n_p))
 
 
-def variance_gamma(x_p: Any, alpha: float) -> Tensor:
-    """The paper's rule ``γ_i ∝ Var(x_p[:, i])^α``, normalised to ``mean(γ²) = 1``.
-
-    ``x_p``: a sample ``(batch, n_p)`` of the SAE's inputs (raw, not standardised: standardising
-    would make every variance 1). ``alpha = 0`` gives the uniform rule.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+def _sample(x_p: Any) -> Tensor:
     try:
         X = torch.as_tensor(x_p if isinstance(x_p, Tensor) else np.asarray(x_p, dtype=np.float64)).double()
     except (TypeError, ValueError) as err:
@@ -93,11 +102,48 @@ def variance_gamma(x_p: Any, alpha: float) -> Tensor:
     if X.ndim != 2 or X.shape[0] < 2:
         raise ValueError(f"x_p must be a (batch, n_p) sample with batch >= 2, got shape {tuple(X.shape)}")
     check_finite(X, "x_p", " (the variance rule needs finite activations)")
+    return X
+
+
+def dimension_variance(x_p: Any, estimate: VarianceEstimate = "raw", quantile: float = WINSOR_QUANTILE) -> Tensor:
+    """Per-dimension variance ``(n_p,)`` (float64) of a sample ``x_p`` ``(batch, n_p)``.
+
+    ``raw``: ``Var(x_p[:, i])``. ``winsorised``: the raw variances clipped from above at their
+    ``quantile`` quantile across dimensions. ``unit_rms``: the variance after scaling every sample
+    to unit root-mean-square, ``x / sqrt(mean_i x_i²)`` (what a dimension carries relative to the
+    token's overall size). Chapter *SAEs and WSAEs on a language model*.
+    """
+    if estimate not in VARIANCE_ESTIMATES:
+        raise ValueError(f"estimate must be one of {VARIANCE_ESTIMATES}, got {estimate!r}")
+    if isinstance(quantile, bool) or not isinstance(quantile, Real) or not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be a number in (0, 1], got {quantile!r}")
+    X = _sample(x_p)
+    if estimate == "unit_rms":
+        rms = X.pow(2).mean(1, keepdim=True).sqrt()
+        if not (rms > 0).all():
+            i = int((rms <= 0).nonzero()[0, 0])
+            raise ValueError(f"x_p[{i}] is all zeros; the unit_rms estimate cannot scale it")
+        X = X / rms
     var = X.var(dim=0)
     if not (var > 0).all():
         i = int((var <= 0).nonzero()[0])
         raise ValueError(f"variance of x_p[:, {i}] is {var[i].item()}; the variance rule needs every dimension to vary")
-    return normalise_gamma(var.pow(float(alpha)))
+    if estimate == "winsorised":
+        var = var.clamp_max(torch.quantile(var, float(quantile)))
+    return var
+
+
+def variance_gamma(x_p: Any, alpha: float, estimate: VarianceEstimate = "raw",
+                   quantile: float = WINSOR_QUANTILE) -> Tensor:
+    """The paper's rule ``γ_i ∝ s_i^α``, normalised to ``mean(γ²) = 1``.
+
+    ``x_p``: a sample ``(batch, n_p)`` of the SAE's inputs (not standardised: standardising would
+    make every variance 1); ``s_i`` from :func:`dimension_variance` with ``estimate``.
+    ``alpha = 0`` gives the uniform rule; ``alpha < 0`` favours the low-variance dimensions.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    return normalise_gamma(dimension_variance(x_p, estimate, quantile).pow(float(alpha)))
 
 
 def oracle_gamma(W_p: Any, floor: float = 1e-3) -> Tensor:
@@ -114,18 +160,53 @@ def oracle_gamma(W_p: Any, floor: float = 1e-3) -> Tensor:
     return normalise_gamma(g)
 
 
-def make_gamma(rule: GammaRule, *, n_p: int, alpha: float = 1.0, x_p: Any = None, W_p: Any = None) -> Tensor:
-    """γ ``(n_p,)`` for a rule name: ``uniform``, ``variance`` (needs ``x_p``, ``alpha``) or ``oracle`` (needs ``W_p``)."""
+def learned_oracle_gamma(directions: Any, alive: Any = None, floor: float = 1e-3) -> Tensor:
+    """Rule (d): the Frobenius-optimal Γ of a *learned* dictionary, normalised to mean(γ²) = 1.
+
+    ``directions`` ``(n_m, n_p)``: the atoms a plain SAE learned (decoder rows; any norm, each is
+    scaled to unit length), standing in for the unknown columns of W_p;
+    :func:`wsae_core.geometry.frobenius_optimal_gamma` is applied to their transpose ``(n_p, n_m)``.
+    ``alive`` ``(n_m,)`` bool: keep only these atoms (a dead latent's decoder row is its random
+    initialisation, not something the data taught). Dimensions whose optimal weight is 0 get
+    ``floor * max(γ)``.
+    """
+    D = torch.as_tensor(directions if isinstance(directions, Tensor) else np.asarray(directions, dtype=np.float64))
+    D = D.detach().double().cpu()
+    if D.ndim != 2 or D.shape[0] < 1:
+        raise ValueError(f"directions must be a (n_m, n_p) matrix of atoms, got shape {tuple(D.shape)}")
+    check_finite(D, "directions")
+    if alive is not None:
+        keep = torch.as_tensor(np.asarray(alive, dtype=bool))
+        if keep.shape != (D.shape[0],):
+            raise ValueError(f"alive must be a boolean mask of shape ({D.shape[0]},), got {tuple(keep.shape)}")
+        if not keep.any():
+            raise ValueError("alive keeps no atom: the learned dictionary has no live latent")
+        D = D[keep]
+    norms = D.norm(dim=1, keepdim=True)
+    if not (norms > 0).all():
+        raise ValueError("directions has a zero row; every atom needs a direction")
+    return oracle_gamma((D / norms).T.numpy(), floor=floor)
+
+
+def make_gamma(rule: GammaRule, *, n_p: int, alpha: float = 1.0, x_p: Any = None, W_p: Any = None,
+               estimate: VarianceEstimate = "raw", directions: Any = None, alive: Any = None) -> Tensor:
+    """γ ``(n_p,)`` for a rule name: ``uniform``; ``variance`` (needs ``x_p``; ``alpha``,
+    ``estimate``); ``oracle`` (needs the true ``W_p``); ``learned_oracle`` (needs a plain SAE's
+    ``directions`` ``(n_m, n_p)``, optionally its ``alive`` mask)."""
     if rule == "uniform":
         return uniform_gamma(n_p)
     if rule == "variance":
         if x_p is None:
             raise ValueError("rule 'variance' needs a sample x_p of shape (batch, n_p)")
-        return validate_gamma(variance_gamma(x_p, alpha), n_p)
+        return validate_gamma(variance_gamma(x_p, alpha, estimate), n_p)
     if rule == "oracle":
         if W_p is None:
             raise ValueError("rule 'oracle' needs the true W_p of shape (n_p, n)")
         return validate_gamma(oracle_gamma(W_p), n_p)
+    if rule == "learned_oracle":
+        if directions is None:
+            raise ValueError("rule 'learned_oracle' needs the directions (n_m, n_p) of a trained plain SAE")
+        return validate_gamma(learned_oracle_gamma(directions, alive), n_p)
     raise ValueError(f"rule must be one of {GAMMA_RULES}, got {rule!r}")
 
 
