@@ -134,9 +134,10 @@ def test_planted_permutation_is_found_by_matching(W, rnd, extra):
     perm = list(range(n + extra))
     rnd.shuffle(perm)
     rng = np.random.default_rng(rnd.randrange(2**32))
-    # Latent directions: the features (each scaled by a positive factor or flipped) and `extra` unit
-    # random rows, in shuffled order. The feature in row perm.index(i) is feature i.
-    rows = [W[:, i] * rng.choice([-1, 1]) * rng.uniform(0.5, 2) for i in range(n)]
+    # Latent directions: the features (each scaled by a positive factor; a flipped row points away
+    # from its feature and may not stand for it) and `extra` unit random rows, in shuffled order.
+    # The feature in row perm.index(i) is feature i.
+    rows = [W[:, i] * rng.uniform(0.5, 2) for i in range(n)]
     rand = rng.standard_normal((extra, n_p))
     rand /= np.linalg.norm(rand, axis=1, keepdims=True)
     assume(extra == 0 or np.abs(rand @ W).max() <= 0.95)

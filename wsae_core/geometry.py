@@ -297,13 +297,14 @@ def stable_assignment(score: Any, maximize: bool = False) -> tuple[np.ndarray, n
     return linear_sum_assignment(C, maximize=maximize)
 
 
-def match_rows(A: Any, B: Any) -> np.ndarray:
+def match_rows(A: Any, B: Any, stable: bool = True) -> np.ndarray:
     """The assignment of rows of ``B`` (n, ...) to rows of ``A`` (n_m, ...) that minimises the
     total squared difference (Hungarian algorithm). Returns ``perm`` with ``A[perm[i]] ~ B[i]``.
 
     The cost is signed: a row ``-w`` is at distance ``2||w||`` from ``w``, so a digon's ``w`` and
-    ``-w`` are never confused (unlike a matching by ``|cosine|``). Near-ties are resolved alike on
-    every CPU (:func:`stable_assignment`).
+    ``-w`` are never confused (unlike a matching by ``|cosine|``). With ``stable`` near-ties are
+    resolved alike on every CPU (:func:`stable_assignment`, which rounds the costs to 1e-9 of the
+    largest); ``stable=False`` keeps full precision, for exact comparisons such as :func:`equivalent`.
     """
     a, b = _rows(A, "A"), _rows(B, "B")
     if a.shape[1] != b.shape[1]:
@@ -311,7 +312,12 @@ def match_rows(A: Any, B: Any) -> np.ndarray:
     if a.shape[0] < b.shape[0]:
         raise ValueError(f"A needs at least as many rows as B (zero padding), got {a.shape[0]} < {b.shape[0]}")
     cost = ((b[:, None, :] - a[None, :, :]) ** 2).sum(-1)
-    rows, cols = stable_assignment(cost)
+    if stable:
+        rows, cols = stable_assignment(cost)
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(cost)
     perm = np.empty(b.shape[0], dtype=int)
     perm[rows] = cols
     return perm
@@ -338,7 +344,9 @@ def equivalent(A: Any, B: Any, atol: float = 1e-9) -> bool:
     a, b = _rows(A, "A"), _rows(B, "B")
     if a.shape[1] != b.shape[1] or a.shape[0] < b.shape[0]:
         return False
-    perm = match_rows(a, b)
+    # Full precision: rows that differ by less than the rounding of stable_assignment must still be
+    # told apart, and any assignment within atol answers the question the same on every CPU.
+    perm = match_rows(a, b, stable=False)
     if np.max(np.abs(a[perm] - b), initial=0.0) > atol:
         return False
     rest = np.setdiff1d(np.arange(a.shape[0]), perm)
