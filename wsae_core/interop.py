@@ -68,7 +68,7 @@ from torch import Tensor
 
 from . import __version__
 from .models import PracticalSAE, SAEConfig, TheorySAE, build_sae
-from .train import load_sae, save_sae
+from .train import _RESERVED as _SAVE_RESERVED, load_sae, save_sae
 from .weights import validate_gamma
 
 __all__ = [
@@ -377,22 +377,30 @@ def _load_sparsify(path: Path, scale: float | None) -> PortableSAE:
 def to_wsae(sae: PortableSAE, path: str | Path) -> Path:
     """Save as this library's folder (:func:`wsae_core.train.save_sae`), with ``scale``, ``gamma`` and
     the provenance in ``cfg.json``, so that :func:`load` and the language-model pipeline read it."""
-    extra = {k: v for k, v in sae.wsae_block().items() if k not in ("sae", "library")}
-    return save_sae(sae.model, path, extra=extra)
+    block = sae.wsae_block()
+    rule = block.get("wsae") if isinstance(block.get("wsae"), dict) else {}
+    extra = {k: v for k, v in block.items() if k not in ("library", "gamma") + _SAVE_RESERVED}
+    if sae.gamma is None:
+        return save_sae(sae.model, path, extra=extra)
+    alpha = rule.get("alpha", block.get("alpha"))
+    return save_sae(sae.model, path, extra=extra, gamma=sae.gamma, gamma_rule=rule.get("rule"),
+                    alpha=None if alpha is None else float(alpha))
 
 
 def _load_wsae(path: Path, scale: float | None) -> PortableSAE:
     model = load_sae(path)
     cfg = json.loads((path / "cfg.json").read_text())
-    meta = {k: v for k, v in cfg.items() if k not in ("sae", "train", "train_key", "scale", "gamma")}
+    meta = {k: v for k, v in cfg.items() if k not in ("train_key", "scale", "gamma") + _SAVE_RESERVED}
+    if model.gamma_rule is not None:
+        meta["wsae"] = dict(model.gamma_rule)
     if "model" in meta and "model_name" not in meta:
         meta["model_name"] = meta.pop("model")
     alpha = (cfg.get("train_key") or {}).get("alpha", meta.get("alpha"))
     if alpha is not None:
         meta["alpha"] = alpha
-    gamma = cfg.get("gamma")
+    gamma = model.gamma if model.gamma is not None else cfg.get("gamma")
     c = float(scale if scale is not None else cfg.get("scale") or 1.0)
-    return PortableSAE(model, c, None if gamma is None else torch.tensor(gamma, dtype=torch.float32),
+    return PortableSAE(model, c, None if gamma is None else torch.as_tensor(gamma, dtype=torch.float32),
                        {**meta, "source_format": "wsae", "source_path": str(path)})
 
 
