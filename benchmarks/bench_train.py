@@ -79,10 +79,24 @@ def _autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def _adam(params):
+def _training_step(params, loss_of, bf16: bool, before=None, after=None):
+    """step(x): ``loss_of(x)`` under the precision's autocast, backward, ``before()``, fused Adam, ``after()``."""
     import torch
 
-    return torch.optim.Adam(params, lr=1e-4, fused=True)
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+
+    def step(x):
+        with _autocast(bf16):
+            loss = loss_of(x)
+        loss.backward()
+        if before is not None:
+            before()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after is not None:
+            after()
+
+    return step
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -94,18 +108,7 @@ def wsae_step(kind: str, d: int, m: int, k: int | None, bf16: bool, l1: float = 
 
     kw = {"k": k} if kind == "topk" else {"l1_coeff": l1, "init_scale": 0.1}
     sae = build_sae(SAEConfig(n_p=d, n_m=m, kind=kind, seed=0, **kw))
-    opt = _adam(sae.parameters())
-
-    def step(x):
-        with _autocast(bf16):
-            out = sae(x)
-        out.loss.backward()
-        sae.before_step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.after_step()
-
-    return step
+    return _training_step(sae.parameters(), lambda x: sae(x).loss, bf16, sae.before_step, sae.after_step)
 
 
 def wsae_trainer_step(d: int, m: int, k: int, batch: int, bf16: bool):
@@ -128,60 +131,38 @@ def wsae_trainer_step(d: int, m: int, k: int, batch: int, bf16: bool):
     return step
 
 
-def saelens_relu_step(d: int, m: int, bf16: bool, l1: float = 1e-3):
+def _saelens_loss(sae, coefficients: dict):
     from sae_lens.saes.sae import TrainStepInput
+
+    def loss_of(x):
+        return sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=None,
+                                                        n_training_steps=0, is_logging_step=False)).loss
+
+    return loss_of
+
+
+def saelens_relu_step(d: int, m: int, bf16: bool, l1: float = 1e-3):
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=m, l1_coefficient=l1, dtype="float32", device="cpu"))
-    opt = _adam(sae.parameters())
-
-    def step(x):
-        with _autocast(bf16):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": l1}, dead_neuron_mask=None,
-                                                           n_training_steps=0, is_logging_step=False))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _training_step(sae.parameters(), _saelens_loss(sae, {"l1": l1}), bf16)
 
 
 def saelens_topk_step(d: int, m: int, k: int, bf16: bool):
-    from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     # Its default dense activations: use_sparse_activations=True fails in the backward on the CPU
     # (sae-lens 6.54.12: aten::view has no SparseCPU kernel).
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, dtype="float32", device="cpu"))
-    opt = _adam(sae.parameters())
-
-    def step(x):
-        with _autocast(bf16):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                           n_training_steps=0, is_logging_step=False))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _training_step(sae.parameters(), _saelens_loss(sae, {}), bf16)
 
 
 def sparsify_step(d: int, m: int, k: int, bf16: bool):
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k))
-    opt = _adam(sae.parameters())
-
-    def step(x):
-        with _autocast(bf16):
-            out = sae(x)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-
-    return step
+    return _training_step(sae.parameters(), lambda x: sae(x).fvu, bf16,
+                          sae.remove_gradient_parallel_to_decoder_directions, sae.set_decoder_norm_to_unit_norm)
 
 
 def encoder_gemm(d: int, m: int, bf16: bool):
