@@ -14,7 +14,8 @@ seed-to-seed spread.
   FVU and CE-loss recovered (splicing the reconstruction into the fp32 model).
 
 A difference "within the spread" means |mean_bf16 - mean_fp32| < the standard deviation over seeds
-of the fp32 runs. Where bf16 is emulated (AVX2-only CPUs: about 40x slower than fp32) the runs are
+of the fp32 runs; "paired SE" is the standard error of the per-seed differences (a seed's two runs
+share initialisation and data). Where bf16 is emulated (AVX2-only CPUs: about 40x slower than fp32) the runs are
 sized to finish in minutes, not to the book's full grid.
 """
 
@@ -36,23 +37,28 @@ def compare(rows: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -
     for g in groups:
         sel = [r for r in rows if tuple(r[k] for k in keys) == g]
         for metric in metrics:
-            v = {p: np.array([r[metric] for r in sel if r["precision"] == p]) for p in ("fp32", "bf16")}
+            # runs of one seed share initialisation and data in both precisions: paired by seed
+            v = {p: np.array([r[metric] for r in sorted(sel, key=lambda r: r["seed"]) if r["precision"] == p])
+                 for p in ("fp32", "bf16")}
             spread = float(v["fp32"].std(ddof=1))
             diff = float(abs(v["bf16"].mean() - v["fp32"].mean()))
+            paired = v["bf16"] - v["fp32"]
             out.append({**dict(zip(keys, g)), "metric": metric, "fp32": float(v["fp32"].mean()),
                         "bf16": float(v["bf16"].mean()), "abs_diff": diff, "seed_std": spread,
+                        "paired_se": float(paired.std(ddof=1) / np.sqrt(paired.size)),
                         "n_seeds": int(v["fp32"].size), "within_spread": diff < spread})
     return out
 
 
 def print_table(title: str, table: list[dict], keys: tuple[str, ...]) -> None:
     print(f"\n{title}")
-    head = " | ".join([*keys, "metric", "fp32 mean", "bf16 mean", "|diff|", "seed std (fp32)", "within spread"])
+    head = " | ".join([*keys, "metric", "fp32 mean", "bf16 mean", "|diff|", "seed std (fp32)", "paired SE",
+                       "within spread"])
     print(f"| {head} |")
-    print("|" + "---|" * (len(keys) + 6))
+    print("|" + "---|" * (len(keys) + 7))
     for r in table:
         cells = [str(r[k]) for k in keys] + [r["metric"], f"{r['fp32']:.4g}", f"{r['bf16']:.4g}",
-                                             f"{r['abs_diff']:.2g}", f"{r['seed_std']:.2g}",
+                                             f"{r['abs_diff']:.2g}", f"{r['seed_std']:.2g}", f"{r['paired_se']:.2g}",
                                              "yes" if r["within_spread"] else "no"]
         print("| " + " | ".join(cells) + " |")
 
