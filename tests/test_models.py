@@ -65,27 +65,73 @@ def test_fused_relu_equals_autograd():
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5, rtol=1e-5), n
 
 
-@pytest.mark.parametrize("n_m, k", [(64, 8), (512, 4)])  # dense-fallback and sparse backward paths
-def test_topk_paths_equal_autograd(n_m, k):
+def _topk_reference(m, x, gamma, dead=None, k_aux=None):
+    """The Top-k SAE and its AuxK loss written out densely with autograd (sparsify/Gao et al. maths)."""
+    pre = torch.nn.functional.linear(x - m.b_dec, m.W_enc, m.b_enc)
+    v, i = pre.topk(m.cfg.k, dim=1)
+    rec = torch.zeros_like(pre).scatter(1, i, v.relu()) @ m.W_dec + m.b_dec
+    loss = weights.wsae_loss(x, rec, gamma)
+    if dead is None:
+        return loss, None
+    ids = dead.nonzero().squeeze(1)
+    k_aux = min(k_aux, ids.numel())
+    av, ai = pre[:, ids].topk(k_aux, dim=1)
+    e_hat = torch.zeros_like(pre).scatter(1, ids[ai], av.relu()) @ m.W_dec
+    e = (x - rec).detach()
+    w2 = gamma.pow(2)
+    var = lambda z: ((z - z.mean(0)).pow(2).sum(0) * w2).sum()  # noqa: E731
+    scale = min(ids.numel() / 5, 1.0)  # k_aux = 5 requested below
+    return loss, scale * var(x) / var(e) * weights.wsae_loss(e, e_hat, gamma)
+
+
+# dense-fallback and sparse backward paths; with and without dead latents (AuxK)
+@pytest.mark.parametrize("n_m, k", [(64, 8), (512, 4), (2048, 16)])
+@pytest.mark.parametrize("n_dead", [0, 3, 200])
+def test_topk_paths_equal_autograd(n_m, k, n_dead):
     m = _perturbed("topk", n_m=n_m, k=k)
     x = torch.randn(32, 16)
     gamma = torch.rand(16) + 0.5
-    out = m(x, gamma)
-    out.loss.backward()
+    dead = torch.zeros(n_m, dtype=torch.bool)
+    dead[torch.randperm(n_m, generator=torch.Generator().manual_seed(n_m))[: min(n_dead, n_m // 2)]] = True
+    out = m(x, gamma, dead, 5)
+    (out.loss + 0.5 * out.auxk_loss).backward()
     got = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    pre = torch.nn.functional.linear(x, m.W_enc, m.b_enc - m.W_enc @ m.b_dec)
-    v, i = pre.topk(k, dim=1)
-    dense = torch.zeros_like(pre).scatter(1, i, v.relu())
-    ref = weights.wsae_loss(x, dense @ m.W_dec + m.b_dec, gamma)
-    ref.backward()
+    ref, ref_aux = _topk_reference(m, x, gamma, dead if n_dead else None, 5)
+    (ref + 0.5 * ref_aux if n_dead else ref).backward()
     assert torch.allclose(out.loss, ref, rtol=1e-5)
+    if n_dead:
+        assert out.auxk_loss > 0 and torch.allclose(out.auxk_loss, ref_aux, rtol=1e-4)
+    else:
+        assert out.auxk_loss == 0
     for n, p in m.named_parameters():
-        assert torch.allclose(got[n], p.grad, atol=1e-5, rtol=1e-4), n
+        assert torch.allclose(got[n], p.grad, atol=1e-4, rtol=1e-4), n
+    # the unfused path of the library computes the same
+    m.fused = False
+    m.zero_grad()
+    out2 = m(x, gamma, dead, 5)
+    (out2.loss + 0.5 * out2.auxk_loss).backward()
+    assert torch.allclose(out2.auxk_loss, out.auxk_loss, rtol=1e-4)
+    for n, p in m.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-4, rtol=1e-4), n
 
 
-def test_decoder_rows_stay_unit_norm():
-    m = _perturbed("relu", l1_coeff=0.001)
+def test_topk_input_gradient():
+    # x_p gets no gradient in training, but a caller may ask for it (e.g. attribution): it must be right.
+    dead = torch.arange(512) % 3 == 0
+    grads = []
+    for fused in (True, False):
+        m = _perturbed("topk", n_m=512, k=4)
+        m.fused = fused
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        out = m(x, None, dead, 5)
+        grads.append(torch.autograd.grad(out.loss + out.auxk_loss, x)[0])
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, kw", [("relu", {"l1_coeff": 0.001}), ("topk", {"n_m": 512, "k": 4})])
+def test_decoder_rows_stay_unit_norm(kind, kw):
+    m = _perturbed(kind, **kw)
     opt = torch.optim.Adam(m.parameters(), lr=0.1)
     for _ in range(3):
         m(torch.randn(16, 16)).loss.backward()
@@ -93,7 +139,7 @@ def test_decoder_rows_stay_unit_norm():
         opt.step()
         opt.zero_grad()
         m.after_step()
-    assert torch.allclose(m.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(m.W_dec.norm(dim=1), torch.ones(m.cfg.n_m), atol=1e-5)
 
 
 @pytest.mark.parametrize(

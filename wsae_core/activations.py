@@ -10,12 +10,15 @@ length, token count, dtype)::
         tokens.npy         ``shard_00000.tmp/`` and renamed when complete (atomic), so a crash
         doc_ids.npy        mid-way leaves only whole shards and a rebuild resumes after them
         labels.npy
-        layer_3.npy        (n_contexts_in_shard * context_len, d_model) float32 (or float16)
+        layer_3.npy        (n_contexts_in_shard * context_len, d_model) float32, float16 or bfloat16
         ...
         manifest.json      every file's size and SHA-256: a shard that fails them is rebuilt, not read
 
 Shards are plain ``.npy`` files opened as memory maps, so reading a random batch touches only its
 rows: the shuffle is a seeded permutation over all tokens of all shards, applied at read time.
+``dtype="bfloat16"`` halves the disk and the bytes read per batch (numpy has no bfloat16: the
+``.npy`` holds the bf16 bit patterns as uint16, and reads reinterpret them in torch); training reads
+any storage dtype as fp32 or bf16 (:class:`CacheSource`).
 The root folder is ``$WSAE_CACHE_DIR`` or ``~/.cache/wsae_core`` (never inside the repository).
 """
 
@@ -45,7 +48,20 @@ __all__ = ["CACHE_ENV", "cache_root", "cache_key", "build_activation_cache", "Ac
 
 CACHE_ENV = "WSAE_CACHE_DIR"
 FORMAT_VERSION = 2  # 2: per-shard manifests with sizes and SHA-256
-_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Storage dtype -> numpy dtype of the .npy (bfloat16 as its uint16 bit patterns) and torch dtype of a row.
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """``x`` as the numpy array stored for ``dtype`` (bf16 rounds to nearest, kept as uint16 bits)."""
+    x = x.detach().cpu().to(_TORCH_DTYPES[dtype])
+    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
+
+
+def _as_float(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows as float values (bf16 bit patterns widened exactly to fp32)."""
+    return np.left_shift(a, 16, dtype=np.uint32).view(np.float32) if dtype == "bfloat16" else a
 
 
 def cache_root(root: str | Path | None = None) -> Path:
@@ -56,8 +72,14 @@ def cache_root(root: str | Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "wsae_core"
 
 
-def cache_key(model: str, layers: Sequence[int], contexts: Contexts, dtype: str = "float32") -> dict[str, Any]:
-    """Everything that determines the cached numbers (the folder name is a hash of it)."""
+def cache_key(model: str, layers: Sequence[int], contexts: Contexts, dtype: str = "float32",
+              forward: str = "fp32") -> dict[str, Any]:
+    """Everything that determines the cached numbers (the folder name is a hash of it).
+
+    ``forward`` is the LM's compute precision (``"fp32"`` or ``"bf16"`` autocast); it enters the key
+    only when not fp32, so existing fp32 caches keep their folders.
+    """
+    extra = {} if forward == "fp32" else {"forward": forward}
     return {
         "version": FORMAT_VERSION,
         "model": str(model),
@@ -67,6 +89,7 @@ def cache_key(model: str, layers: Sequence[int], contexts: Contexts, dtype: str 
         "context_len": int(contexts.tokens.shape[1]),
         "n_tokens": contexts.n_tokens,
         "dtype": dtype,
+        **extra,
     }
 
 
@@ -134,7 +157,7 @@ def build_activation_cache(
     the shard. In both cases the shards already written stay and a rerun resumes after them.
     """
     layers = _check_build_args(lm, contexts, layers, shard_contexts, batch_size, dtype)
-    key = cache_key(lm.name, layers, contexts, dtype)
+    key = cache_key(lm.name, layers, contexts, dtype, "bf16" if lm.compute_dtype == torch.bfloat16 else "fp32")
     digest = _digest(key)
     folder = cache_root(root) / "activations" / digest
     meta_path = folder / "meta.json"
@@ -190,7 +213,7 @@ def build_activation_cache(
                         f"{lm.name} produced {v} in the residual stream after block {l} at context {b + i}, "
                         f"position {pos}, dimension {dim} (shard {s}); nothing of this shard was written, "
                         f"the {s} shard(s) before it are kept")
-                acts[l].append(out[l].reshape(-1, out[l].shape[-1]).cpu().numpy().astype(_DTYPES[dtype]))
+                acts[l].append(_to_storage(out[l].reshape(-1, out[l].shape[-1]), dtype))
         tmp = folder / f"shard_{s:05d}.tmp"
         tmp.mkdir()
         arrays = {"tokens.npy": contexts.tokens[lo:hi].astype(np.int32),
@@ -295,7 +318,8 @@ class ActivationCache:
                     raise CorruptFileError(f"{shard / name} has shape {m.shape}, expected "
                                            f"({int(self._offsets[s + 1] - self._offsets[s])}, {self.d_model})")
                 if (s, layer) not in self._verified:
-                    loc = nonfinite_location(m)
+                    # a bf16 shard holds uint16 bit patterns: checked as the fp32 values they stand for
+                    loc = nonfinite_location(_as_float(m, self.dtype))
                     if loc is not None:
                         row = int(self._offsets[s]) + loc[0][0]
                         raise NonFiniteError(
@@ -318,14 +342,36 @@ class ActivationCache:
         pos = np.arange(skip_first, self.context_len)
         return (ctx[:, None] * self.context_len + pos[None, :]).ravel()
 
+    @property
+    def dtype(self) -> str:
+        """Storage dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
+        return self.meta["key"]["dtype"]
+
     def gather(self, layer: int, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (flat token indices, any order) of ``layer``'s activations: ``(len(index), d_model)``."""
+        """Rows ``index`` (flat token indices, any order) of ``layer``'s activations: ``(len(index), d_model)`` float32."""
+        return self.gather_tensor(layer, index).numpy()
+
+    def gather_tensor(self, layer: int, index: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``index`` of ``layer`` as a ``(len(index), d_model)`` tensor of ``dtype`` (fp32 or bf16):
+        only the stored bytes are read (half of fp32's for a bf16 cache)."""
+        raw = self._gather_stored(layer, index)
+        if self.dtype == "bfloat16":
+            if dtype == torch.bfloat16:
+                return torch.from_numpy(raw).view(torch.bfloat16)
+            # bf16 -> fp32 is exact: the 16 bits become the high half. One numpy pass: torch's
+            # threaded conversion costs ~10x more on 2 busy cores (measured).
+            return torch.from_numpy(np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)).to(dtype)
+        if dtype == torch.float32:
+            return torch.from_numpy(raw.astype(np.float32, copy=False))
+        return torch.from_numpy(raw).to(dtype)
+
+    def _gather_stored(self, layer: int, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index, dtype=np.int64)
         if index.ndim != 1 or (index.size and (index.min() < 0 or index.max() >= self.n_tokens)):
             raise ValueError(f"index must be 1-D flat token indices in [0, {self.n_tokens}), got shape {index.shape}"
                              + (f", range [{index.min()}, {index.max()}]" if index.size else ""))
         maps = self._layer_maps(layer)
-        out = np.empty((index.size, self.d_model), dtype=np.float32)
+        out = np.empty((index.size, self.d_model), dtype=maps[0].dtype)
         shard = np.searchsorted(self._offsets, index, side="right") - 1
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
@@ -353,14 +399,15 @@ class ActivationCache:
             for b in range(0, perm.size, batch_size):
                 yield torch.from_numpy(self.gather(layer, perm[b : b + batch_size]))
 
-    def read_speed(self, layer: int, batch_size: int = 4096, n_batches: int = 20, seed: int = 0) -> float:
-        """Measured shuffled-read throughput of ``layer`` in tokens per second."""
+    def read_speed(self, layer: int, batch_size: int = 4096, n_batches: int = 20, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> float:
+        """Measured shuffled-read throughput of ``layer`` in tokens per second, delivered as ``dtype``."""
+        index = self.token_indices()
+        perm = index[np.random.default_rng(seed).permutation(index.size)]
         t0 = time.perf_counter()
         n = 0
-        for i, batch in enumerate(self.batches(layer, batch_size, seed=seed)):
-            n += batch.shape[0]
-            if i + 1 >= n_batches:
-                break
+        for b in range(0, min(perm.size, n_batches * batch_size), batch_size):
+            n += self.gather_tensor(layer, perm[b : b + batch_size], dtype).shape[0]
         return n / (time.perf_counter() - t0)
 
 
@@ -370,15 +417,18 @@ class CacheSource:
     Walks seeded permutations of the cached tokens (positions >= ``skip_first``): every token is
     seen once per pass, passes are reshuffled from ``generator``, and rows are read from the memory
     maps, so the cache need not fit in memory. ``scale`` divides the activations (one scalar per
-    layer, see :func:`norm_scale`).
+    layer, see :func:`norm_scale`). ``dtype``: what ``sample`` returns, ``torch.float32`` or
+    ``torch.bfloat16`` (whatever the storage dtype).
     """
 
     def __init__(self, cache: ActivationCache, layer: int, *, skip_first: int = 0, scale: float = 1.0,
-                 contexts: range | None = None):
+                 contexts: range | None = None, dtype: torch.dtype = torch.float32):
         cache._layer_maps(layer)  # validates the layer, checks its files
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-        self.cache, self.layer, self.scale = cache, layer, float(scale)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.cache, self.layer, self.scale, self.dtype = cache, layer, float(scale), dtype
         self.index = cache.token_indices(skip_first, contexts)
         self.n_p = cache.d_model
         self._perm: np.ndarray | None = None
@@ -398,8 +448,8 @@ class CacheSource:
             take = self._perm[self._pos : self._pos + need]
             self._pos += take.size
             need -= take.size
-            parts.append(self.cache.gather(self.layer, take))
-        x = torch.from_numpy(np.concatenate(parts))
+            parts.append(self.cache.gather_tensor(self.layer, take, self.dtype))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return x / self.scale if self.scale != 1.0 else x
 
 

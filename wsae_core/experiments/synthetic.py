@@ -66,6 +66,8 @@ class SyntheticSpec:
     """Worker processes (None = one per core, at most 4; 1 = in this process, best for tiny runs)."""
     eval_samples: int = 8192
     """Held-out samples for the metrics (and for the variance rule)."""
+    precision: str = "auto"
+    """Training precision (:attr:`wsae_core.train.TrainConfig.precision`)."""
 
     def __post_init__(self):
         known = {m[0] for m in METHODS}
@@ -155,7 +157,7 @@ def _run_task(task: dict) -> dict:
     sae = build_sae(SAEConfig(n_p=spec.n_p, n_m=spec.n_m, kind=model, k=k, seed=seed))
     src = SparseSource(W_p, S)
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=min(50, spec.steps // 10),
-                      seed=seed, log_every=spec.steps, progress=False, threads=1)
+                      seed=seed, log_every=spec.steps, progress=False, threads=1, precision=spec.precision)
     trainer = Trainer(sae, src, cfg, gamma=gamma)
     trainer.fit()
     x, _ = src.sample_pair(spec.eval_samples, torch.Generator().manual_seed(20_000 + seed))
