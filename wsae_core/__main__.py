@@ -33,7 +33,7 @@ Tools:
   import       read SAELens / sparsify SAEs into this library's format (metrics, splicing, scorers)
   browser      build the latent browser's data (top and quantile contexts, histograms, explanations,
                nearest latents) from the sweep's SAEs and activation cache
-  benchmark    speed benchmarks (`benchmark train` vs SAELens, `benchmark sampler`; benchmarks/)
+  benchmark    speed benchmarks (`benchmark train` vs SAELens and sparsify, `benchmark sampler`; benchmarks/)
 
 Options shared by the commands that take them:
   --profile {{{",".join(PROFILES)}}}   run size (ci: seconds, book: the book's runs, paper: the paper's sizes)
