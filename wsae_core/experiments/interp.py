@@ -1086,13 +1086,9 @@ def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", 
     return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
 
 
-def calibrated_scorers(seed: int = 0) -> tuple[str, ...]:
-    """The scorers of the largest committed baseline-explainer calibration of ``seed`` (``()`` if none)."""
-    for k in range(len(SCORERS), 0, -1):
-        for combo in itertools.combinations(SCORERS, k):
-            if has_results(gates_file(seed, ("baseline",), combo)):
-                return combo
-    return ()
+def committed_gates(scorers=("embedding",), seeds=GATE_SEEDS) -> dict:
+    """The committed baseline-explainer calibrations of ``scorers`` on ``seeds``, pooled (:func:`pool_runs`)."""
+    return pool_runs([load_results(gates_file(s, ("baseline",), scorers)) for s in seeds])
 
 
 def has_results(name: str) -> bool:
