@@ -33,7 +33,6 @@ accuracy of detection and fuzzing, a threshold-free latent's score = its AUROC.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
