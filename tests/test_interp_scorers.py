@@ -132,6 +132,38 @@ def test_fixed_negative_windows_are_shared_between_latents():
             assert starts.setdefault(e.context, e.start) == e.start
 
 
+def test_negatives_are_drawn_per_document_like_the_positives():
+    """One long document filling half of the silent contexts: drawn per context it gives about half
+    of the negatives (the length bias that moved random latents off 0.5), drawn per document at most
+    one per latent; and every negative comes from a different document."""
+    rng = np.random.default_rng(0)
+    n_ctx, T = 120, 20
+    tokens = rng.integers(1, 13, size=(n_ctx, T))
+    doc_ids = np.repeat(np.arange(n_ctx), T).reshape(n_ctx, T)
+    doc_ids[:60] = 0  # contexts 0-59: one long document; 60-119: one short document each
+    acts = np.zeros(tokens.shape, np.float32)
+    acts[90:, 3] = 1.0  # fires in 30 short documents; silent in the long one and in 30 short ones
+    base = dict(n_explain_top=4, n_explain_quantile=0, n_score_activating=4, n_score_non_activating=8,
+                window_before=4, window_after=2, fixed_negative_windows=True)
+    from_long = {}
+    for per_doc in (False, True):
+        cfg = I.SelectionConfig(**base, negatives_per_document=per_doc)
+        n = 0
+        for latent in range(40):
+            neg = I.select_examples(tokens, acts, doc_ids=doc_ids, config=cfg, latent=latent).non_activating
+            docs = [doc_ids[e.context, e.start] for e in neg]
+            assert all(a == 0 for e in neg for a in e.activations)
+            if per_doc:
+                assert len(set(docs)) == len(docs)
+            n += sum(d == 0 for d in docs)
+        from_long[per_doc] = n / (40 * 8)
+    assert from_long[False] > 0.35 and from_long[True] < 0.1, from_long
+    with pytest.raises(I.NotEnoughExamples, match="silent in only 3 documents"):
+        few = np.ones(tokens.shape, np.float32)
+        few[[*range(10), 60, 61]] = 0.0  # 12 silent contexts, of 3 documents
+        I.select_examples(tokens, few, doc_ids=doc_ids, config=I.SelectionConfig(**base, negatives_per_document=True), latent=0)
+
+
 # ----------------------------------------------------------------------------- residual control and entries
 
 
@@ -146,6 +178,36 @@ def test_residual_topk_control():
     assert counts.max() < 2 * counts.min()
     with pytest.raises(ValueError, match="path must name a saved SAE folder"):
         E.SAEEntry("SAE", 3, "uniform", 0.0, 0, None, E.ActivationSource("/x", (0, 1)))
+
+
+def _lm_results(folder, layers, methods=("SAE", "WSAE α=1", "untrained SAE (control)")):
+    spec = {"n_train_contexts": 256, "skip_first": 1, "seed": 0, "k": 32, "layers": list(layers)}
+    recs = [{"layer": l, "method": m, "alpha": {"SAE": 0.0, "WSAE α=1": 1.0}.get(m),
+             "sae_dir": f"{folder}/saes/abc/layer_{l}/{m}"} for l in layers for m in methods]
+    return {"spec": spec, "cache": {"folder": f"{folder}/activations/abc"}, "records": recs}
+
+
+def test_entries_from_a_sweep_file_or_a_folder_of_cells(tmp_path):
+    """One command scores any sweep: a results JSON, or a folder of them (one per cell, in
+    sub-folders, next to other JSON files); entries listed twice are kept once."""
+    from wsae_core.experiments import interp as E
+
+    (tmp_path / "cell_a").mkdir()
+    (tmp_path / "cell_b" / "sae").mkdir(parents=True)
+    (tmp_path / "cell_a" / "results.json").write_text(json.dumps(_lm_results("/c", [3])))
+    (tmp_path / "cell_b" / "results.json").write_text(json.dumps(_lm_results("/c", [3, 9])))
+    (tmp_path / "cell_b" / "sae" / "cfg.json").write_text(json.dumps({"n_m": 4}))
+    one = E.entries_from_sweep(tmp_path / "cell_a" / "results.json")
+    assert [(e.label, e.rule, e.alpha) for e in one] == [("SAE", "uniform", 0.0), ("WSAE α=1", "variance", 1.0),
+                                                         ("untrained SAE (control)", "untrained", None),
+                                                         (E.RESIDUAL, "residual", None)]
+    both = E.entries_from_sweep(tmp_path, layers=[3, 9], cache_root="/elsewhere")
+    assert sorted((e.layer, e.label) for e in both) == sorted({(l, m) for l in (3, 9) for m in
+                                                               ("SAE", "WSAE α=1", "untrained SAE (control)", E.RESIDUAL)})
+    assert all(e.path is None or e.path.startswith("/elsewhere/saes/abc/layer_") for e in both)
+    assert {e.source.cache for e in both} == {"/elsewhere/activations/abc"}
+    with pytest.raises(ValueError, match="no language-model sweep results"):
+        E.entries_from_sweep(tmp_path / "cell_b" / "sae")
 
 
 def test_mean_ci_over_latents_and_over_seeds():
@@ -177,27 +239,24 @@ def smollm2():
         pytest.skip(str(err))
 
 
-@pytest.mark.parametrize("seed", [101])
-@pytest.mark.xfail(strict=False, reason="known: with the baseline explainer, embedding scoring's topic gate (>= 0.75) "
-                   "holds at seed 0 (0.785) but not at seed 101, whose topics include 'Arts' and 'Everyday life'; "
-                   "the explainer names too few topic words from 20 excerpts (see the chapter)")
-def test_the_books_scorers_pass_their_gates_on_planted_latents_of_a_fresh_seed(smollm2, seed, tmp_path):
-    """Every scorer the book's Table 1 uses (those that passed the committed calibration, seed 0) passes
-    the same gates with the baseline explainer on planted latents the book never used: other tokens
-    and topics, drawn from another seed. Every likelihood and embedding is computed afresh."""
+@pytest.mark.parametrize("seeds", [(101, 102, 103)])
+def test_the_gate_verdicts_hold_on_planted_latents_of_fresh_seeds(smollm2, seeds, tmp_path):
+    """The gates re-run exactly as the book runs them (baseline explainer, every topic, pooled over as
+    many seeds as the book pools) on planted latents of seeds the book never used: other corpus
+    samples, other tokens, other activation values. Every scorer keeps its committed verdict, pass or
+    fail, and its random control stays inside its gate. Every embedding is computed afresh."""
     from wsae_core.experiments import interp as E
 
-    calibrated = E.calibrated_scorers(0)
-    if not calibrated:
-        pytest.skip("no committed calibration")
-    used = E.passed_scorers(E.load_results(E.gates_file(0, ("baseline",), calibrated)))
-    assert used, "the book uses no scorer"
-    res = E.run_scorer_calibration(E.PlantedSpec(seed=seed), E.Scoring(("baseline",), tuple(used), cache_dir=tmp_path))
-    book = {r["latent"] for r in E.load_results(E.gates_file(0, ("baseline",), calibrated))["records"]}
-    fresh = {r["latent"] for r in res["records"] if r["kind"] != "random"}
-    assert fresh - book, "the fresh seed drew the book's latents"
-    for scorer, row in E.gate_report(res).items():
-        assert row["passed"], (scorer, fresh, row)
+    assert len(seeds) == len(E.GATE_SEEDS) and not set(seeds) & set(E.GATE_SEEDS)
+    book = E.committed_gates()
+    scoring = E.Scoring(("baseline",), tuple(book["scorers"]), cache_dir=tmp_path)
+    fresh = E.pool_runs([E.run_scorer_calibration(E.PlantedSpec(seed=s), scoring) for s in seeds])
+    tokens = lambda run: {r["latent"] for r in run["records"] if r["kind"] == "token"}  # noqa: E731
+    assert tokens(fresh) - tokens(book), "the fresh seeds drew only the book's tokens"
+    want, got = E.gate_report(book), E.gate_report(fresh)
+    for scorer in book["scorers"]:
+        assert got[scorer]["passed"] == want[scorer]["passed"], (scorer, got[scorer], want[scorer])
+        assert got[scorer]["random"]["ok"], (scorer, got[scorer]["random"])
 
 
 def test_a_scorer_outside_its_gate_is_not_used():

@@ -23,8 +23,8 @@ Command line::
 
     python -m wsae_core.experiments interp calibration --profile book [--client hf|openai|fake]
     python -m wsae_core.experiments interp sweep --profile book
-    python -m wsae_core.experiments interp gates --seed 0
-    python -m wsae_core.experiments interp score --profile book --layers 3 [--methods SAE ...] [--latents 100]
+    python -m wsae_core.experiments interp gates [--seeds 0 1 2] [--scorers embedding]
+    python -m wsae_core.experiments interp score --profile book [--sweep RESULTS.json|FOLDER] [--layers 3] [--latents 100]
 
 Choices where the paper is silent: see :class:`wsae_core.interp.SelectionConfig`, :data:`SCORER_SELECTION`,
 Yes/No answers scored from the option log-probabilities, a judged latent's score = mean balanced
@@ -33,7 +33,6 @@ accuracy of detection and fuzzing, a threshold-free latent's score = its AUROC.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -487,9 +486,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration/sweep: detection and fuzzing with a chat judge; gates/score: the "
                              "threshold-free scorers (surprisal, embedding) on planted latents / on SAEs")
     parser.add_argument("--explainers", default="baseline", help="gates/score: comma-separated, from baseline,smollm2")
-    parser.add_argument("--seed", type=int, default=0, help="gates: seed of the planted latents")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(GATE_SEEDS),
+                        help="gates: seeds of the planted latents (the gates are judged on all of them pooled)")
     parser.add_argument("--entries", default=None, help="score: JSON list of SAE entries (fields of SAEEntry)")
-    parser.add_argument("--lm-results", default=None, help="score: a layer sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
+    parser.add_argument("--sweep", "--lm-results", dest="sweep", default=None,
+                        help="score: a language-model sweep's results JSON, or a folder of them (every *.json below it "
+                             "that lists saved SAEs); default: book/results/lm_sweep_<profile>.json")
     parser.add_argument("--cache-root", default=None, help="score: where that sweep's SAEs and activations are now (default: as saved)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
     parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
@@ -535,12 +537,16 @@ def main(argv: list[str] | None = None) -> int:
 # layer sweep's internals, so a new sweep only has to list its SAEs.
 
 #: Example counts of the threshold-free scorers: more scoring contexts than detection (they are
-#: cheap), and non-activating windows fixed per context so their neutral likelihood is shared.
+#: cheap); non-activating windows fixed per context so their neutral likelihood is shared, and drawn
+#: one per document like the activating ones.
 SCORER_SELECTION = {"n_explain_top": 10, "n_explain_quantile": 10, "n_score_activating": 8,
-                    "n_score_non_activating": 8, "fixed_negative_windows": True}
+                    "n_score_non_activating": 8, "fixed_negative_windows": True, "negatives_per_document": True}
 #: Calibration gates, mean AUROC over the planted latents of each kind with the baseline explainer:
 #: (low, high). A scorer that misses one is not used for the table.
 GATES: dict[str, tuple[float, float]] = {"token": (0.90, 1.0), "topic": (0.75, 1.0), "random": (0.40, 0.60)}
+#: Seeds of the calibration the book commits: the gates are judged on their latents pooled (each
+#: seed: its own corpus sample, tokens, activation values, explanations and scoring contexts).
+GATE_SEEDS = (0, 1, 2)
 SCORERS = ("surprisal", "embedding")
 EXPLAINERS = ("baseline", "smollm2")
 
@@ -554,11 +560,13 @@ class PlantedSpec:
     n_contexts: int = 4096
     """Contexts of the corpus sample (262,144 tokens at 64 per context)."""
     context_len: int = 64
-    n_token: int = 4
+    n_token: int = 8
     """Token latents: each fires on one word-initial token (activation U[0.5, 1])."""
-    n_topic: int = 4
-    """Topic latents: each fires on every alphabetic token of >= 4 letters in one topic's articles."""
-    n_random: int = 16
+    n_topic: int | None = None
+    """Topic latents: each fires on every alphabetic token of >= 4 letters in one topic's articles;
+    None: one per topic of the corpus (the topic gate is then a mean over all topics, not over a
+    lucky or unlucky draw of a few)."""
+    n_random: int = 32
     """Random latents: every token fires with probability ``random_rate``, activation U(0, 1)."""
     random_rate: float = 0.02
     token_min_docs: int = 40
@@ -598,14 +606,15 @@ def draw_planted(tokens: np.ndarray, doc_ids: np.ndarray, labels: np.ndarray, la
     n_docs = np.bincount(list(doc_label.values()), minlength=len(label_names))
     topics = [i for i, n in enumerate(label_names)
               if n not in spec.exclude_topics and n_docs[i] >= spec.token_min_docs]
-    if len(topics) < spec.n_topic:
+    n_topic = len(topics) if spec.n_topic is None else spec.n_topic
+    if len(topics) < n_topic:
         raise ValueError(f"only {len(topics)} topics have {spec.token_min_docs} documents, n_topic = {spec.n_topic}")
     strength = lambda: 0.5 + 0.5 * rng.random(tokens.shape)  # noqa: E731
     out: dict[str, tuple[str, np.ndarray]] = {}
     for t in rng.choice(pool, size=spec.n_token, replace=False):
         out[f"token {vocab[int(t)].strip()!r}"] = ("token", np.where(tokens == t, strength(), 0.0).astype(np.float32))
     wordy = np.array([len(v.strip()) >= 4 and v.strip().isalpha() for v in vocab])
-    for i in sorted(rng.choice(topics, size=spec.n_topic, replace=False)):
+    for i in sorted(rng.choice(topics, size=n_topic, replace=False)):
         on = (labels == i) & wordy[tokens]
         out[f"topic {label_names[i]}"] = ("topic", np.where(on, strength(), 0.0).astype(np.float32))
     for i in range(spec.n_random):
@@ -716,6 +725,31 @@ def gate_report(results: dict, explainer: str = "baseline") -> dict[str, dict]:
     return out
 
 
+def pool_runs(runs: list[dict]) -> dict:
+    """Calibration runs of several seeds (:func:`run_scorer_calibration`) as one, for :func:`gate_report`:
+    every record, tagged with its run's seed. The runs must share explainers and scorers."""
+    if not runs:
+        raise ValueError("pool_runs needs at least one calibration run")
+    first = runs[0]
+    for r in runs[1:]:
+        if (r["explainers"], r["scorers"]) != (first["explainers"], first["scorers"]):
+            raise ValueError(f"runs to pool must share explainers and scorers, got {r['explainers']}/{r['scorers']} "
+                             f"and {first['explainers']}/{first['scorers']}")
+    return {"explainers": first["explainers"], "scorers": first["scorers"], "seeds": [r["spec"]["seed"] for r in runs],
+            "records": [dict(rec, seed=r["spec"]["seed"]) for r in runs for rec in r["records"]],
+            "seconds": round(sum(r["seconds"] for r in runs), 1)}
+
+
+def control_ci(calibration: dict, scorer: str, explainer: str = "baseline", kind: str = "random") -> tuple[float, float, float, int]:
+    """Mean AUROC of the ``kind`` latents of a (pooled) calibration with its 95 % t-interval over
+    seeds (:func:`mean_ci`; over latents for a single seed)."""
+    by_seed: dict[Any, list[float]] = {}
+    for r in calibration["records"]:
+        if r["kind"] == kind:
+            by_seed.setdefault(r.get("seed", 0), []).append(r[f"{scorer}_{explainer}"])
+    return mean_ci(by_seed)
+
+
 def passed_scorers(calibration: dict) -> list[str]:
     """The scorers whose baseline-explainer calibration is inside every gate: the only ones tabled."""
     return [s for s, r in gate_report(calibration).items() if r["passed"]]
@@ -781,7 +815,7 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
     (layer, method) record with a saved SAE, plus the residual control per layer, all on the sweep's
     training contexts. ``cache_root`` re-roots the saved SAE and activation folders (a sweep whose
     cache root was elsewhere, e.g. the committed results of another machine)."""
-    from .lm import METHODS
+    from .lm import CONTROL, METHODS
 
     spec = results["spec"]
     alphas = dict(METHODS)
@@ -793,16 +827,44 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
     for r in results["records"]:
         if (layers is not None and r["layer"] not in layers) or (methods is not None and r["method"] not in methods):
             continue
+        if not r.get("sae_dir"):
+            continue  # a row without a saved dictionary (nothing to score)
         path = Path(r["sae_dir"])
         if cache_root is not None:
             path = Path(cache_root) / "saes" / Path(*path.parts[-3:])
-        alpha = alphas.get(r["method"])
-        rule = "untrained" if alpha is None else ("uniform" if alpha == 0 else "variance")
-        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, spec["seed"], str(path), src, spec["k"]))
+        # A record's own rule and α win over the names of the original sweep (new rules keep working).
+        alpha = r.get("alpha", alphas.get(r["method"]))
+        rule = r.get("rule") or ("untrained" if r["method"] == CONTROL else "uniform" if not alpha else "variance")
+        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec["seed"]), str(path), src, spec["k"]))
     if residual_control:
         for layer in sorted({e.layer for e in out} or set(spec["layers"])):
             out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec["seed"], None, src, spec["k"]))
     return out
+
+
+def entries_from_sweep(path: str | Path, **kwargs: Any) -> list[SAEEntry]:
+    """The entries of a language-model sweep stored at ``path``: one results JSON of
+    :mod:`wsae_core.experiments.lm`, or a folder holding any number of them (e.g. one per cell of a
+    sweep, in sub-folders), each read by :func:`entries_from_lm_results` (``kwargs``: its filters).
+    Entries listed twice (same label, layer and seed) are kept once; the residual control once per
+    (layer, seed)."""
+    path = Path(path)
+    files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
+    out: dict[tuple, SAEEntry] = {}
+    for f in files:
+        try:
+            res = json.loads(f.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{f}: not a readable JSON file ({err})") from None
+        if not (isinstance(res, dict) and {"spec", "cache", "records"} <= set(res)
+                and any("sae_dir" in r for r in res["records"])):
+            continue  # another kind of file in the folder (a SAE's cfg.json, a manifest, ...)
+        for e in entries_from_lm_results(res, **kwargs):
+            out.setdefault((e.label, e.layer, e.seed), e)
+    if not out:
+        raise ValueError(f"no language-model sweep results (JSON with 'spec', 'cache' and records with 'sae_dir') "
+                         f"found at {path}")
+    return list(out.values())
 
 
 def residual_topk(x, k: int):
@@ -986,19 +1048,22 @@ def _main_scorers(args, profile: Profile) -> int:
     folder = Path(args.out) if args.out else results_path("x", profile).parent
     if args.what == "gates":
         scoring = Scoring(explainers, scorers, device=args.device)
-        res = run_scorer_calibration(PlantedSpec(seed=args.seed), scoring, verbose=True)
-        print(gates_markdown(res))
-        path = _save(res, folder / gates_file(args.seed, explainers, scorers))
-        print(f"passed: {passed_scorers(res) if 'baseline' in explainers else '(gated with the baseline explainer only)'}; "
-              f"wrote {path} ({res['seconds']} s)")
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_scorer_calibration(PlantedSpec(seed=seed), scoring, verbose=True))
+            path = _save(runs[-1], folder / gates_file(seed, explainers, scorers))
+            print(f"seed {seed}:\n{gates_markdown(runs[-1])}\nwrote {path} ({runs[-1]['seconds']} s)")
+        res = pool_runs(runs)
+        print(f"seeds {args.seeds} pooled:\n{gates_markdown(res)}")
+        print(f"passed: {passed_scorers(res) if 'baseline' in explainers else '(gated with the baseline explainer only)'}")
         return 0
     if args.entries:
         entries = [SAEEntry(**e) for e in json.loads(Path(args.entries).read_text())]
     else:
         from .lm import results_path as lm_results_path
 
-        lm_res = json.loads(Path(args.lm_results or lm_results_path(profile)).read_text())
-        entries = entries_from_lm_results(lm_res, layers=args.layers, methods=args.methods, cache_root=args.cache_root)
+        entries = entries_from_sweep(args.sweep or lm_results_path(profile), layers=args.layers, methods=args.methods,
+                                     cache_root=args.cache_root)
     spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
     path = folder / scores_file(profile, scorers)
     res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
@@ -1020,13 +1085,9 @@ def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", 
     return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
 
 
-def calibrated_scorers(seed: int = 0) -> tuple[str, ...]:
-    """The scorers of the largest committed baseline-explainer calibration of ``seed`` (``()`` if none)."""
-    for k in range(len(SCORERS), 0, -1):
-        for combo in itertools.combinations(SCORERS, k):
-            if has_results(gates_file(seed, ("baseline",), combo)):
-                return combo
-    return ()
+def committed_gates(scorers=("embedding",), seeds=GATE_SEEDS) -> dict:
+    """The committed baseline-explainer calibrations of ``scorers`` on ``seeds``, pooled (:func:`pool_runs`)."""
+    return pool_runs([load_results(gates_file(s, ("baseline",), scorers)) for s in seeds])
 
 
 def has_results(name: str) -> bool:
