@@ -30,7 +30,7 @@ from ..profile import Profile, pick
 
 __all__ = ["METHODS", "PAPER_METHODS", "ALPHAS", "ESTIMATE_SUFFIX", "method_label", "SyntheticSpec", "spec_for",
            "run_synthetic", "summarise", "summary_table", "paired_change", "change_verdict", "change_table",
-           "dead_table", "describe_method", "overall", "rule_families", "oracle_recovery", "gammas_for", "topk_k"]
+           "dead_table", "MODEL_NAMES", "describe_method", "overall", "rule_families", "oracle_recovery", "gammas_for", "topk_k"]
 
 #: Exponents of the variance rule in the sweep (α = 0 is the plain SAE).
 ALPHAS: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
@@ -88,6 +88,11 @@ class SyntheticSpec:
     """Held-out samples for the metrics (and for the variance rule)."""
     log_every: int = 50
     """Steps between two points of the recorded training curves."""
+    dead_steps: int = 50
+    """A latent silent for this many steps is dead (AuxK revives it; the learned oracle leaves it out).
+    Shorter than the trainer's default, which is made for longer runs: with 400 steps of 256 samples,
+    50 steps are 12,800 samples, in which a latent of a feature active once in a thousand samples
+    still fires about 13 times."""
 
     def __post_init__(self):
         known = {m[0] for m in METHODS}
@@ -102,7 +107,7 @@ class SyntheticSpec:
         from . import check_spec
 
         check_spec(self, {"n": 1, "n_p": 1, "n_m": 1, "W_p_seed": 0, "steps": 1, "batch_size": 1, "eval_samples": 2,
-                          "log_every": 1}, self.S_grid, self.seeds)
+                          "log_every": 1, "dead_steps": 1}, self.S_grid, self.seeds)
         if not self.S_grid or not self.seeds or not self.methods or not self.models:
             raise ValueError("S_grid, seeds, methods and models must each name at least one value")
 
@@ -114,11 +119,12 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> SyntheticSpec:
         S_grid=pick(ci=(0.0, 0.99), book=(0.0, 0.5, 0.9, 0.97, 0.99, 0.999),
                     paper=(0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999), profile=profile),
         seeds=pick(ci=(0, 1, 2), book=(0, 1, 2), paper=tuple(range(10)), profile=profile),
-        steps=pick(ci=200, book=800, paper=10_000, profile=profile),
-        batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
+        steps=pick(ci=100, book=400, paper=10_000, profile=profile),
+        batch_size=pick(ci=64, book=256, paper=4096, profile=profile),
         eval_samples=pick(ci=2048, book=8192, paper=65_536, profile=profile),
         workers=pick(ci=1, book=None, profile=profile),
-        log_every=pick(ci=20, book=50, paper=250, profile=profile),
+        log_every=pick(ci=20, book=20, paper=250, profile=profile),
+        dead_steps=pick(ci=20, book=50, paper=500, profile=profile),
     )
     return replace(spec, **overrides)
 
@@ -204,7 +210,8 @@ def _run_group(task: dict) -> list[dict]:
     sae_cfg = SAEConfig(n_p=spec.n_p, n_m=spec.n_m, kind=model, k=k, seed=seed)
     src = SparseSource(W_p, S)
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=min(50, spec.steps // 10),
-                      seed=seed, log_every=spec.log_every, progress=False, threads=1, precision="fp32")
+                      seed=seed, log_every=spec.log_every, dead_steps=spec.dead_steps, progress=False, threads=1,
+                      precision="fp32")
     x, _ = src.sample_pair(spec.eval_samples, torch.Generator().manual_seed(20_000 + seed))
     base = {"S": S, "seed": seed, "model": model, "k": k}
     saes, hist, since = train_stacked([build_sae(sae_cfg) for _ in methods], src, cfg,
@@ -319,13 +326,13 @@ def change_table(records: list[dict], metric: str, model: str, baseline: str = "
     ch = {m: paired_change(records, metric, model, m, baseline) for m in methods}
     n = int(ch[methods[0]]["n"].max())
     lines = [f"{model} SAE: change of {metric} vs {baseline} (%), mean ± 95% CI over {n} seeds (* excludes 0)",
-             f"{'S =':>22s}" + "".join(f"{S:>16g}" for S in ch[methods[0]]["S"])]
+             f"{'S =':>22s}" + "".join(f"{S:>18g} " for S in ch[methods[0]]["S"])]
     for m in methods:
         cells = []
         for mu, ci in zip(100 * ch[m]["mean"], 100 * ch[m]["ci"]):
             star = "*" if change_verdict(mu, ci) != "no clear change" else " "
-            cells.append(f"{mu:+7.1f} ±{ci:6.1f}{star}")
-        lines.append(f"{m:>22s}" + "".join(f"{c:>16s}" for c in cells))
+            cells.append(f"{mu:+8.1f} ±{ci:7.1f}{star}")
+        lines.append(f"{m:>22s}" + "".join(f"{c:>19s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -348,7 +355,8 @@ def dead_table(records: list[dict], model: str, key: str = "dead") -> str:
     return "\n".join(lines)
 
 
-_MODEL = {"theory": "theory SAE", "topk": "Top-k SAE"}
+#: How the chapter names each model kind.
+MODEL_NAMES = {"theory": "theory SAE", "topk": "Top-k SAE"}
 
 
 def _pct(v: float) -> str:
@@ -399,11 +407,11 @@ def overall(records: list[dict], metric: str = "l_gt_nonzero", baseline: str = "
             hits = [(S, me, mu) for me in methods for S, mu, ci in zip(ch[mo, me]["S"], ch[mo, me]["mean"], ch[mo, me]["ci"])
                     if change_verdict(mu, ci) == word]
             if not hits:
-                parts.append(f"{_MODEL[mo]}: at no sparsity")
+                parts.append(f"{MODEL_NAMES[mo]}: at no sparsity")
                 continue
             Ss = sorted({S for S, _, _ in hits})
             S_best, me_best, mu_best = max(hits, key=lambda h: abs(h[2]))
-            parts.append(f"{_MODEL[mo]}: at $S \\in \\{{{', '.join(f'{S:g}' for S in Ss)}\\}}$ (largest: {me_best}, "
+            parts.append(f"{MODEL_NAMES[mo]}: at $S \\in \\{{{', '.join(f'{S:g}' for S in Ss)}\\}}$ (largest: {me_best}, "
                          f"{_pct(mu_best)} at $S = {S_best:g}$)")
         return "; ".join(parts)
 
@@ -414,11 +422,11 @@ def overall(records: list[dict], metric: str = "l_gt_nonzero", baseline: str = "
                       if change_verdict(mu, ci) == "lower"})
         high = sorted({f"{S:g}" for me in var for S, mu, ci in zip(ch[mo, me]["S"], ch[mo, me]["mean"], ch[mo, me]["ci"])
                        if change_verdict(mu, ci) == "higher"})
-        vparts.append(f"for the {_MODEL[mo]} it lowers the error at "
+        vparts.append(f"for the {MODEL_NAMES[mo]} it lowers the error at "
                       + (f"$S \\in \\{{{', '.join(low)}\\}}$" if low else "no sparsity")
                       + " and raises it at " + (f"$S \\in \\{{{', '.join(high)}\\}}$" if high else "no sparsity"))
     S0 = rec[models[0], methods[0]]["S"][0]
-    rparts = [f"{_MODEL[mo]}: " + ", ".join(f"{me} {_pct(rec[mo, me]['mean'][0])}" for me in methods) for mo in models]
+    rparts = [f"{MODEL_NAMES[mo]}: " + ", ".join(f"{me} {_pct(rec[mo, me]['mean'][0])}" for me in methods) for mo in models]
     return {
         "helps": "Lower error per active coordinate, beyond the 95 % interval: " + where("lower") + ".",
         "hurts": "Higher error per active coordinate, beyond the 95 % interval: " + where("higher") + ".",
@@ -465,7 +473,7 @@ def oracle_recovery(records: list[dict], model: str, metric: str = "l_gt_nonzero
               if S in gains]
     out: dict[str, dict[str, Any]] = {"oracle": {
         "gains": gains,
-        "text": (f"The oracle lowers the error per active coordinate of the {_MODEL[model]} beyond its interval at "
+        "text": (f"The oracle lowers the error per active coordinate of the {MODEL_NAMES[model]} beyond its interval at "
                  + (", ".join(pieces) if pieces else "no sparsity") + ".")}}
     for fam, ms in rule_families(methods).items():
         said, words = [], []
