@@ -10,8 +10,9 @@ Every Γ is normalised to ``mean(γ²) = 1``.
 
 Choices the paper leaves open (documented in the chapter): W_p = :data:`~wsae_core.data.DEFAULT_SUPERPOSITION`
 (polygon blocks: 4 monosemantic dimensions, 2 digons, 7 planes of 27-28 features) fixed across
-seeds (seed 0); Adam, lr 3e-2, batch 512, 800 steps (book profile),
-50 warm-up steps, cosine decay to 0.1 lr; Top-k with ``k = max(1, round(n (1 - S)))`` (the expected number of active features);
+seeds (seed 0); Adam, lr 3e-2, batch 256, 400 steps (book profile), a tenth of the run as
+warm-up (at most 50 steps), cosine decay to 0.1 lr; Top-k with ``k = max(1, round(n (1 - S)))`` (the
+expected number of active features), AuxK on latents silent for ``dead_steps`` steps;
 the variance rule uses the variance of 8,192 samples of x_p drawn at the same S. Within a seed
 all methods share the initialisation and the data stream (paired comparison), so they are trained
 stacked as one model (:func:`wsae_core.stacked.train_stacked`: the same numbers as separate runs, at
