@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.experiment == "synthetic":
-        from .synthetic import run_synthetic, spec_for, summary_table
+        from .synthetic import change_table, dead_table, run_synthetic, spec_for
 
         spec = spec_for(args.profile)
         records = run_synthetic(spec, workers=args.workers)
         for model in spec.models:
-            print(summary_table(records, "l_gt_nonzero", model))
-            print(summary_table(records, "recon_x_p", model))
+            print(change_table(records, "l_gt_nonzero", model))
+            print(change_table(records, "recon_x_p", model))
+            print(dead_table(records, model))
     else:
         from .theory import run_theory, spec_for, summary_table
 

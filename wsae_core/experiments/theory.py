@@ -83,12 +83,13 @@ class TheorySpec:
 
 
 def spec_for(profile: Profile | None = None, **overrides: Any) -> TheorySpec:
-    """``ci`` (seconds), ``book`` (about a minute on 2 cores), ``paper`` (more seeds and steps)."""
+    """``ci`` (under a minute: long enough for the chapter's training checks to hold), ``book``
+    (about 9 minutes on a shared 2-core machine), ``paper`` (more seeds and steps)."""
     spec = TheorySpec(
         S_grid=pick(ci=(0.0, 0.99), book=(0.0, 0.7, 0.9, 0.99), paper=(0.0, 0.5, 0.7, 0.9, 0.95, 0.99, 0.999),
                     profile=profile),
-        seeds=pick(ci=(0, 1), book=(0, 1, 2, 3), paper=tuple(range(10)), profile=profile),
-        steps=pick(ci=30, book=1500, paper=10_000, profile=profile),
+        seeds=pick(ci=(0, 1, 2), book=(0, 1, 2, 3), paper=tuple(range(10)), profile=profile),
+        steps=pick(ci=200, book=1500, paper=10_000, profile=profile),
         batch_size=pick(ci=128, book=512, paper=4096, profile=profile),
         eval_samples=pick(ci=1024, book=8192, paper=65_536, profile=profile),
         workers=pick(ci=1, book=None, profile=profile),
@@ -133,6 +134,7 @@ def _run_task(task: dict) -> dict:
     n_m = n * task["ratio"]
     S, seed = task["S"], task["seed"]
     sae = build_sae(SAEConfig(n_p=n_p, n_m=n_m, kind="theory", seed=seed))
+    W_init = sae.W_m.detach().clone()
     src = SparseSource(W_p, S)
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=min(100, spec.steps // 10),
                       seed=seed, log_every=spec.steps, progress=False, threads=1)
@@ -148,6 +150,7 @@ def _run_task(task: dict) -> dict:
     with torch.no_grad():
         out["l_sae"] = float(((sae.decode(sae.encode(x_p)) - x_p) ** 2).sum(1).mean())
         out["l_sae_closed_form"] = float(((torch.relu(x_p @ Wc.T) @ Wc - x_p) ** 2).sum(1).mean())
+        out["l_sae_init"] = float(((torch.relu(x_p @ W_init.T) @ W_init - x_p) ** 2).sum(1).mean())
     out["dist_closed_form"] = distance_to_closed_form(W_m, W_p)
     out["W_m"] = W_m.tolist()
     return out
@@ -156,8 +159,10 @@ def _run_task(task: dict) -> dict:
 def run_theory(spec: TheorySpec | None = None, workers: int | None = None) -> list[dict]:
     """All runs: configs x S x seeds with ``n_m = n``, plus ``n_m = ratio * n`` at the largest S.
 
-    Each record: config, S, seed, n, n_m, the metrics of :func:`wsae_core.metrics.evaluate_recovery`,
-    ``l_sae`` and ``l_sae_closed_form`` (held-out), ``dist_closed_form`` and the trained ``W_m``.
+    Each record: config, S, seed, n, n_m, the metrics of :func:`wsae_core.metrics.evaluate_recovery`
+    (``dead``: latents that never fire on the held-out data), ``l_sae``, ``l_sae_closed_form`` and
+    ``l_sae_init`` (held-out, of the trained, closed-form and initial W_m), ``dist_closed_form`` and
+    the trained ``W_m``.
     """
     from . import run_tasks
 
@@ -173,9 +178,10 @@ def run_theory(spec: TheorySpec | None = None, workers: int | None = None) -> li
 
 def summary_table(records: list[dict], tol: float = 0.05) -> str:
     """Per config, S and n_m: seeds reaching the closed form (``dist < tol``), median distance,
-    mean L_SAE trained vs closed form, L_GT on active coordinates, and seed agreement."""
+    mean L_SAE trained vs closed form, L_GT on active coordinates, seed agreement and the dead
+    latents (never firing on held-out data, mean % over seeds)."""
     lines = [f"{'config':24s} {'S':>5s} {'n_m':>4s} {'~W_pᵀ':>6s} {'dist':>6s} {'L_SAE':>8s} {'L_SAE*':>8s} "
-             f"{'L_GT≠0':>7s} {'seeds≠':>7s}"]
+             f"{'L_GT≠0':>7s} {'seeds≠':>7s} {'dead%':>6s}"]
     keys = list(dict.fromkeys((r["config"], r["S"], r["n_m"]) for r in records))
     for c, S, n_m in keys:
         rs = [r for r in records if (r["config"], r["S"], r["n_m"]) == (c, S, n_m)]
@@ -183,7 +189,8 @@ def summary_table(records: list[dict], tol: float = 0.05) -> str:
         agree = seed_agreement([np.array(r["W_m"]) for r in rs])
         lines.append(f"{c:24s} {S:5g} {n_m:4d} {int((d < tol).sum()):3d}/{len(rs):<2d} {np.median(d):6.3f} "
                      f"{np.mean([r['l_sae'] for r in rs]):8.5f} {np.mean([r['l_sae_closed_form'] for r in rs]):8.5f} "
-                     f"{np.mean([r['l_gt_nonzero'] for r in rs]):7.4f} {agree:7.3f}")
+                     f"{np.mean([r['l_gt_nonzero'] for r in rs]):7.4f} {agree:7.3f} "
+                     f"{100 * np.mean([r['dead'] for r in rs]):6.1f}")
     return "\n".join(lines)
 
 
