@@ -797,11 +797,11 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
         if cache_root is not None:
             path = Path(cache_root) / "saes" / Path(*path.parts[-3:])
         alpha = alphas.get(r["method"])
-        rule = "untrained" if alpha is None else ("uniform" if alpha == 0 else "variance")
-        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, spec["seed"], str(path), src, spec["k"]))
+        rule = r.get("rule") or ("untrained" if alpha is None else ("uniform" if alpha == 0 else "variance"))
+        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec.get("seed")), str(path), src, spec["k"]))
     if residual_control:
         for layer in sorted({e.layer for e in out} or set(spec["layers"])):
-            out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec["seed"], None, src, spec["k"]))
+            out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec.get("seed", (spec.get("seeds") or [0])[0]), None, src, spec["k"]))
     return out
 
 

@@ -53,7 +53,7 @@ from . import int_at_least, output_file
 __all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for", "FULL", "cells_for",
            "select_cells", "cell_name", "run_cell", "run_sweep", "run_lm", "collect", "sweep_saes",
            "variance_diagnostics", "load_or_run", "results_path", "save_results", "table", "paired_differences",
-           "verdicts", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
+           "verdicts", "verdict_markdown", "plot_curves", "plot_gammas", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
            "relative_change", "main"]
 
 #: Every rule of the sweep: label -> (rule, variance estimate, α) for :func:`wsae_core.weights.make_gamma`.
@@ -877,6 +877,64 @@ def markdown_table(results: dict, metric: str, digits: int = 3, title: str | Non
         lines.append("| random latents | " + " | ".join("–" if v is None else f"{v:.{digits}f}" for v in ch[first]) + " |")
     return "\n".join(lines)
 
+
+
+def verdict_markdown(results: dict, metrics: tuple[str, ...] = ("fvu", "ce_recovered", "kl", "dead", "topic_consistency",
+                                                                  "embedding_coherence")) -> str:
+    """Every rule against the SAE, per layer and metric: *better* / *worse* where the paired 95 %
+    interval excludes zero (:func:`verdicts`), ``·`` where it does not."""
+    layers = sorted({r["layer"] for r in results["records"]})
+    v = {m: verdicts(results, m) for m in metrics}
+    rules = [m for m in RULES if m != "SAE" and any(r["method"] == m for r in results["records"])]
+    short = {"better": "better", "worse": "worse", "no difference shown": "·"}
+    head = "| rule | layer | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"
+    lines = [head, "|---" * (len(metrics) + 2) + "|"]
+    for rule in rules:
+        for l in layers:
+            if any((rule, l) in v[m] for m in metrics):
+                lines.append(f"| {rule} | {l} | " + " | ".join(short.get(v[m].get((rule, l)), "–") for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, axes: Any = None):
+    """Held-out FVU against training step, one panel per layer, one line per cell (colour = rule)."""
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in results["records"] if r["curve"]["step"]]
+    layers = sorted({r["layer"] for r in recs})
+    if axes is None:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
+        axes = axes[0]
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in recs))}
+    for ax, l in zip(axes, layers):
+        for r in recs:
+            if r["layer"] == l:
+                ax.plot(r["curve"]["step"], r["curve"]["held_out_fvu"], color=colours[r["method"]], marker="o", ms=3,
+                        lw=1, label=r["method"] if r["seed"] == min(x["seed"] for x in recs) else None)
+        ax.set(title=f"layer {l}", xlabel="step", ylabel="held-out FVU", yscale="log")
+    axes[0].legend(fontsize=7)
+    return axes[0].figure
+
+
+def plot_gammas(results: dict, seed: int | None = None, axes: Any = None):
+    """The γ profile of every WSAE rule (one seed), sorted from largest to smallest, one panel per layer."""
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in results["records"] if r["gamma"] is not None]
+    seed = min(r["seed"] for r in recs) if seed is None else seed
+    recs = [r for r in recs if r["seed"] == seed]
+    layers = sorted({r["layer"] for r in recs})
+    if axes is None:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
+        axes = axes[0]
+    for ax, l in zip(axes, layers):
+        for r in recs:
+            if r["layer"] == l:
+                ax.plot(sorted(r["gamma"], reverse=True), label=r["method"], lw=1.2)
+        ax.axhline(1.0, color="k", lw=0.8, ls=":", label="SAE (γ = 1)")
+        ax.set(title=f"layer {l}, seed {seed}", xlabel="dimension (sorted by γ)", ylabel="γ", yscale="log")
+    axes[0].legend(fontsize=7)
+    return axes[0].figure
 
 def describe(results: dict) -> str:
     """One line saying what a sweep ran on: model (and what it substitutes), corpus, tokens."""
