@@ -1006,8 +1006,12 @@ def load_or_run(profile: Profile | None = None, *, path: str | Path | None = Non
                 save: bool | None = None, **overrides: Any) -> dict:
     """The saved results of ``profile`` when their spec matches :func:`spec_for`, else a fresh run.
 
-    ``ci`` always runs (seconds) and saves nothing unless ``save=True``; other profiles save.
+    ``ci`` always runs (seconds), from an empty temporary cache (so that finished cells of an older
+    version of the code never stand in for a fresh run), and saves nothing unless ``save=True``;
+    other profiles save.
     """
+    import tempfile
+
     profile = profile or current_profile()
     spec = spec_for(profile, **overrides)
     path = Path(path) if path else results_path(profile)
@@ -1015,7 +1019,11 @@ def load_or_run(profile: Profile | None = None, *, path: str | Path | None = Non
         saved = json.loads(path.read_text())
         if saved.get("spec") == json.loads(json.dumps(asdict(spec))):
             return saved
-    results = run_sweep(spec, verbose=profile != "ci")
+    if profile == "ci":
+        with tempfile.TemporaryDirectory(prefix="wsae-lm-ci-") as tmp:
+            results = run_sweep(spec, cache_root=tmp, verbose=False)
+    else:
+        results = run_sweep(spec)
     if save if save is not None else profile != "ci":
         save_results(results, path)
     return results
@@ -1045,20 +1053,19 @@ def main(argv: list[str] | None = None) -> int:
     profile = args.profile or current_profile()
     over = {k: v for k, v in (("model", args.model), ("layers", tuple(args.layers) if args.layers else None),
                               ("methods", tuple(args.methods) if args.methods else None),
-                              ("seeds", tuple(args.seeds) if args.seeds else None)) if v is not None}
+                              ("seeds", tuple(args.seeds) if args.seeds else None), ("device", args.device)) if v is not None}
     try:
         spec = spec_for(profile, **(FULL if args.full else {}), **over)
         cells = select_cells(cells_for(spec), args.cells)
     except ValueError as err:
         parser.error(str(err))
-    D.init()
-    device = args.device or D.default_device(spec.device)
-    if device.startswith("cuda"):
+    if spec.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"--device {device}: CUDA is not available on this machine")
-    spec = replace(spec, device=device)
+            parser.error(f"--device {spec.device}: CUDA is not available on this machine")
+    D.init()
+    spec = replace(spec, device=D.default_device(spec.device))
     out = Path(args.out or results_path(profile))
     if args.list:
         sw = prepare(spec, cache_root=args.cache_root, verbose=False)
