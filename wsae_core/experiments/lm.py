@@ -1030,7 +1030,7 @@ def load_or_run(profile: Profile | None = None, *, path: str | Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m wsae_core.experiments lm --profile {ci,book,paper} [--full] [--cells SEL] [--list]``."""
+    """``python -m wsae_core.experiments lm --profile {ci,book,paper} [--full] [--cells SEL] [--list] [--collect]``."""
     import argparse
 
     from .. import distributed as D
@@ -1045,6 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=None,
                         help="a subset: indices, ranges and globs over cell names, comma-separated (e.g. '0-5,L09-*-s0')")
     parser.add_argument("--list", action="store_true", help="print the cells (index, name, finished?) and exit")
+    parser.add_argument("--collect", action="store_true",
+                        help="write the results of the finished cells (e.g. of runs on other machines) and exit")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default under torchrun with CUDA: cuda:LOCAL_RANK)")
     parser.add_argument("--cache-root", default=None, help="folder of the activation cache and the cells (default: $WSAE_CACHE_DIR)")
     parser.add_argument("--out", type=output_file, default=None,
@@ -1067,8 +1069,11 @@ def main(argv: list[str] | None = None) -> int:
     D.init()
     spec = replace(spec, device=D.default_device(spec.device))
     out = Path(args.out or results_path(profile))
-    if args.list:
+    if args.list or args.collect:
         sw = prepare(spec, cache_root=args.cache_root, verbose=False)
+        if args.collect:
+            res = save_results(collect(sw, cells), out)
+            print(f"wrote {res}: {len(cells)} cells selected")
         for i, c in enumerate(cells_for(spec)):
             print(f"{i:4d}  {c.name:32s}  {'done' if _read_done(sw, c) else '-'}{'' if c in cells else '  (not selected)'}")
         return 0
