@@ -896,6 +896,11 @@ def verdict_markdown(results: dict, metrics: tuple[str, ...] = ("fvu", "ce_recov
     return "\n".join(lines)
 
 
+def _colour(method: str) -> str:
+    """One colour per rule, the same in every figure."""
+    return f"C{list(RULES).index(method) % 10}"
+
+
 def plot_curves(results: dict, axes: Any = None):
     """Held-out FVU against training step, one panel per layer, one line per cell (colour = rule)."""
     import matplotlib.pyplot as plt
@@ -905,11 +910,10 @@ def plot_curves(results: dict, axes: Any = None):
     if axes is None:
         fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
         axes = axes[0]
-    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in recs))}
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
-                ax.plot(r["curve"]["step"], r["curve"]["held_out_fvu"], color=colours[r["method"]], marker="o", ms=3,
+                ax.plot(r["curve"]["step"], r["curve"]["held_out_fvu"], color=_colour(r["method"]), marker="o", ms=3,
                         lw=1, label=r["method"] if r["seed"] == min(x["seed"] for x in recs) else None)
         ax.set(title=f"layer {l}", xlabel="step", ylabel="held-out FVU", yscale="log")
     axes[0].legend(fontsize=7)
@@ -930,7 +934,7 @@ def plot_gammas(results: dict, seed: int | None = None, axes: Any = None):
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
-                ax.plot(sorted(r["gamma"], reverse=True), label=r["method"], lw=1.2)
+                ax.plot(sorted(r["gamma"], reverse=True), label=r["method"], lw=1.2, color=_colour(r["method"]))
         ax.axhline(1.0, color="k", lw=0.8, ls=":", label="SAE (γ = 1)")
         ax.set(title=f"layer {l}, seed {seed}", xlabel="dimension (sorted by γ)", ylabel="γ", yscale="log")
     axes[0].legend(fontsize=7)
