@@ -901,15 +901,18 @@ def _colour(method: str) -> str:
     return f"C{list(RULES).index(method) % 10}"
 
 
-def plot_curves(results: dict, axes: Any = None):
-    """Held-out FVU against training step, one panel per layer, one line per cell (colour = rule)."""
+def _layer_axes(n: int):
+    """One row of ``n`` panels (one per layer)."""
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)[1][0]
+
+
+def plot_curves(results: dict, axes: Any = None):
+    """Held-out FVU against training step, one panel per layer, one line per cell (colour = rule)."""
     recs = [r for r in results["records"] if r["curve"]["step"]]
     layers = sorted({r["layer"] for r in recs})
-    if axes is None:
-        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
-        axes = axes[0]
+    axes = _layer_axes(len(layers)) if axes is None else axes
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
@@ -922,15 +925,11 @@ def plot_curves(results: dict, axes: Any = None):
 
 def plot_gammas(results: dict, seed: int | None = None, axes: Any = None):
     """The γ profile of every WSAE rule (one seed), sorted from largest to smallest, one panel per layer."""
-    import matplotlib.pyplot as plt
-
     recs = [r for r in results["records"] if r["gamma"] is not None]
     seed = min(r["seed"] for r in recs) if seed is None else seed
     recs = [r for r in recs if r["seed"] == seed]
     layers = sorted({r["layer"] for r in recs})
-    if axes is None:
-        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
-        axes = axes[0]
+    axes = _layer_axes(len(layers)) if axes is None else axes
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
