@@ -342,7 +342,7 @@ def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
     from wsae_core.experiments import interp as E
     from wsae_core.experiments import lm as LMX
 
-    lm_res = LMX.run_lm(LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL)), cache_root=tmp_path / "c", verbose=False)
+    lm_res = LMX.run_lm(LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL), seeds=(0,)), cache_root=tmp_path / "c", verbose=False)
     entries = E.entries_from_lm_results(lm_res)
     assert [(e.label, e.rule) for e in entries] == [("SAE", "uniform"), (LMX.CONTROL, "untrained"), (E.RESIDUAL, "residual")]
     spec = E.ScoreSpec(n_latents=3, scorers=("embedding",),

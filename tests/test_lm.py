@@ -298,56 +298,111 @@ def test_splice_layers_shares_the_clean_run(tiny, contexts):
 
 
 def test_sweep_ci_end_to_end(tmp_path):
-    """The layer sweep on the tiny GPT-NeoX: every metric present, SAE and WSAE paired, files written."""
+    """The cell sweep on the tiny GPT-NeoX: every metric present, Γ normalised, rule (d) from the plain
+    SAE, files written; a rerun skips finished cells, and a cell whose metrics were lost is redone
+    alone, to the same numbers."""
     from wsae_core.experiments import lm as X
+    from wsae_core.train import load_sae
 
-    spec = X.spec_for("ci", layers=(1,), methods=("SAE", "WSAE α=1"), steps=20,
-                      coherence_latents=4, coherence_random=4)
+    spec = X.spec_for("ci", layers=(1,), methods=("SAE", "WSAE α=1", "WSAE learned oracle"), seeds=(0, 1),
+                      steps=20, coherence_latents=4, coherence_random=4)
     res = X.run_lm(spec, cache_root=tmp_path, verbose=False)
-    recs = res["records"]
-    assert [(r["layer"], r["method"]) for r in recs] == [(1, "SAE"), (1, "WSAE α=1")]
-    for r in recs:
+    recs = {r["cell"]: r for r in res["records"]}
+    assert sorted(recs) == sorted(c.name for c in X.cells_for(spec)) and not res["missing"]
+    for r in recs.values():
         for key in ("fvu", "l0", "dead", "ce_recovered", "kl", "topic_consistency", "token_entropy",
-                    "embedding_coherence", "topic_consistency_chance"):
+                    "embedding_coherence", "topic_consistency_chance", "fvu_change_last_quarter"):
             assert r[key] is not None and np.isfinite(r[key]), key
         assert 0 < r["l0"] <= spec.k and 0 <= r["dead"] <= 1 and r["kl"] >= 0
-    assert recs[0]["gamma_effective_dims"] == 32 and recs[1]["gamma_effective_dims"] < 32
+        assert r["curve"]["step"][-1] == spec.steps and r["curve"]["held_out_fvu"][-1] == pytest.approx(r["fvu"], rel=1e-6)
+        assert r["converged"] == (max(r["fvu_change_last_quarter"], r["ce_recovered_change_last_quarter"]) < 0.05)
+        sae = load_sae(r["sae_dir"])
+        assert (sae.gamma is None) == (r["rule"] == "uniform")
+        if r["gamma"] is not None:
+            assert np.mean(np.square(r["gamma"])) == pytest.approx(1, abs=1e-4)
+            assert sae.gamma_rule["rule"] == r["rule"]
+    assert recs["L01-uniform-s0"]["gamma_effective_dims"] == 32 > recs["L01-var-raw-a+1-s0"]["gamma_effective_dims"]
+    # Rule (d) differs per seed: it is computed from that seed's plain SAE.
+    assert recs["L01-learned-oracle-s0"]["gamma"] != recs["L01-learned-oracle-s1"]["gamma"]
     out = X.save_results(res, tmp_path / "r.json")
     assert json.loads(out.read_text())["spec"]["layers"] == [1]
-    assert out.with_suffix(".csv").read_text().startswith("layer,method")
+    assert out.with_suffix(".csv").read_text().startswith("cell,layer,method")
     md = X.markdown_table(res, "topic_consistency")
-    assert "| SAE |" in md and "random latents" in md
-    assert X.paired_summary(res, "fvu")["WSAE α=1"]["layers"] == 1
+    assert "| SAE |" in md and "random latents" in md and "Δ" in md
+    assert {(e["method"], e["seed"]) for e in X.sweep_saes(res)} == {(m, s) for m in spec.methods for s in (0, 1)}
+
+    # Resume: nothing is retrained; a lost cell is redone alone and gives the same numbers.
+    folder = Path(res["sweep_folder"])
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in folder.glob("*/metrics.json")}
+    (folder / "L01-var-raw-a+1-s1" / "metrics.json").unlink()
+    again = X.run_lm(spec, cache_root=tmp_path, verbose=False)
+    redone = {p.parent.name for p in folder.glob("*/metrics.json") if p.stat().st_mtime_ns != stamps.get(p.parent.name)}
+    assert redone == {"L01-var-raw-a+1-s1"}
+    b = {r["cell"]: r for r in again["records"]}["L01-var-raw-a+1-s1"]
+    for key in ("fvu", "ce_recovered", "kl", "dead", "topic_consistency"):
+        assert b[key] == recs["L01-var-raw-a+1-s1"][key], key
     with pytest.raises(ValueError, match="methods must be among"):
         X.spec_for("ci", methods=("L1 SAE",))
 
 
-BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sweep_book.json"
+def test_select_cells():
+    from wsae_core.experiments import lm as X
 
-#: Golden numbers of the saved book run (SmolLM2-135M-Instruct, seed 0): (layer, method) -> metrics.
-EXPECTED_BOOK = {
-    (3, "SAE"): {"fvu": 0.141, "ce_recovered": 0.931, "topic_consistency": 0.319},
-    (15, "WSAE α=1"): {"fvu": 2.586, "ce_recovered": 0.454, "topic_consistency": 0.346},
-    (27, "WSAE α=0.5"): {"fvu": 0.804, "ce_recovered": 0.872, "topic_consistency": 0.352},
-}
+    cells = X.cells_for(X.spec_for("ci"))
+    names = [c.name for c in cells]
+    assert len(cells) == 2 * 4 * 3 and names[0] == "L00-uniform-s0"
+    assert all("learned-oracle" in n for n in names[-6:])  # rule (d) after the plain SAEs it reads
+    assert X.select_cells(cells, None) == cells == X.select_cells(cells, "all")
+    assert [c.name for c in X.select_cells(cells, "0-1,5")] == names[:2] + names[5:6]
+    assert {c.name for c in X.select_cells(cells, "L02-*-s1")} == {n for n in names if n.startswith("L02") and n.endswith("s1")}
+    assert {c.seed for c in X.select_cells(cells, "*a-1*")} == {0, 1, 2}
+    with pytest.raises(ValueError, match="cell range '3-99' must lie within 0-23"):
+        X.select_cells(cells, "3-99")
+    with pytest.raises(ValueError, match="cell pattern 'L07-\\*' matches none of the 24 cells"):
+        X.select_cells(cells, "L07-*")
+
+
+BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sweep_book.json"
 
 
 @pytest.mark.skipif(not BOOK_RESULTS.is_file(), reason="book/results/lm_sweep_book.json not present")
-def test_book_results_golden_and_claims():
-    """The committed book run matches the book profile's spec, its golden numbers and the chapter's claims."""
+def test_book_results_recomputed_from_the_per_seed_records():
+    """The committed book run: its spec is the profile's, every record is one of its cells, and what
+    the chapter prints (intervals, verdicts, convergence flags, Γ statistics) follows from the
+    per-seed records when recomputed here independently."""
     from dataclasses import asdict
+
+    from scipy import stats
 
     from wsae_core.experiments import lm as X
 
     res = json.loads(BOOK_RESULTS.read_text())
-    assert res["spec"] == json.loads(json.dumps(asdict(X.spec_for("book"))))
-    recs = {(r["layer"], r["method"]): r for r in res["records"]}
-    for key, metrics in EXPECTED_BOOK.items():
-        for m, v in metrics.items():
-            assert recs[key][m] == pytest.approx(v, abs=5e-4), (key, m)
-    fvu, tc = X.table(res, "fvu"), X.table(res, "topic_consistency")
-    for m in ("WSAE α=0.5", "WSAE α=1"):
-        assert all(w > s for w, s in zip(fvu[m], fvu["SAE"]))
-    chance = X.table(res, "topic_consistency_chance")["SAE"]
-    assert all(s > c > ch for s, c, ch in zip(tc["SAE"], tc[X.CONTROL], chance))
-    assert all(r["eff_dims_alpha_1"] < 2 for r in res["layers"])
+    spec = X.spec_for("book")
+    assert res["spec"] == json.loads(json.dumps(asdict(spec)))
+    names = {c.name for c in X.cells_for(spec)}
+    assert {r["cell"] for r in res["records"]} | set(res["missing"]) == names
+    assert not {r["cell"] for r in res["records"]} & set(res["missing"])
+    by = {(r["method"], r["layer"], r["seed"]): r for r in res["records"]}
+    for metric in ("fvu", "ce_recovered", "topic_consistency"):
+        higher = X.METRICS[metric][1]
+        diffs, verdicts = X.paired_differences(res, metric), X.verdicts(res, metric)
+        for (m, l), d in diffs.items():
+            seeds = [s for s in spec.seeds if (m, l, s) in by and ("SAE", l, s) in by]
+            x = np.array([by[(m, l, s)][metric] - by[("SAE", l, s)][metric] for s in seeds])
+            assert d["seeds"] == seeds and d["diff"] == pytest.approx(x.mean(), rel=1e-12, abs=1e-15)
+            if x.size >= 2:
+                half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+                assert (d["lo"], d["hi"]) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-9, abs=1e-15)
+                decided = x.mean() - half > 0 or x.mean() + half < 0
+                expect = ("better" if (x.mean() > 0) == higher else "worse") if decided else "no difference shown"
+                assert verdicts[(m, l)] == expect
+    for r in res["records"]:
+        curve = r["curve"]["held_out_fvu"]
+        assert curve[-1] == pytest.approx(r["fvu"], rel=1e-3) and curve[-1] < curve[0]
+        q3 = curve[r["curve"]["step"].index(round(spec.steps * 3 / 4))]
+        assert r["fvu_change_last_quarter"] == pytest.approx(abs(curve[-1] - q3) / curve[-1], rel=1e-9)
+        assert r["converged"] == (max(r["fvu_change_last_quarter"], r["ce_recovered_change_last_quarter"]) < 0.05)
+        if r["gamma"] is not None:
+            g2 = np.square(np.array(r["gamma"]))
+            assert g2.mean() == pytest.approx(1, abs=1e-4)
+            assert r["gamma_effective_dims"] == pytest.approx(g2.sum() ** 2 / np.square(g2).sum(), rel=1e-4)

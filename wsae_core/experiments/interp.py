@@ -288,11 +288,12 @@ def _sweep_saes(lm_spec, verbose: bool, only_layers=None, methods=None):
     from .lm import METHODS, _load_model
 
     root = _cache_root()
+    seed = lm_spec.seeds[0]  # the explainer sweep scores one seed's SAEs
     lm = _load_model(lm_spec, root)
     docs = load_documents(lm_spec.corpus)
     n_ctx = lm_spec.n_train_contexts + lm_spec.n_eval_contexts
     ctx = tokenize_contexts(docs, lm.tokenizer, context_len=lm_spec.context_len, n_contexts=n_ctx,
-                            seed=lm_spec.seed, source=lm_spec.corpus)
+                            seed=seed, source=lm_spec.corpus)
     cache = A.build_activation_cache(lm, ctx, sorted(lm_spec.layers), root=root, batch_size=lm_spec.lm_batch_size,
                                      dtype=lm_spec.cache_dtype, verbose=verbose)
     train_ctx = range(0, lm_spec.n_train_contexts)
@@ -319,10 +320,10 @@ def _sweep_saes(lm_spec, verbose: bool, only_layers=None, methods=None):
                 alpha = alphas[method]
                 gamma = None if alpha == 0 else variance_gamma(x_train, alpha)
                 d = lm.d_model
-                sae = build_sae(SAEConfig(n_p=d, n_m=lm_spec.expansion * d, kind="topk", k=lm_spec.k, seed=lm_spec.seed))
+                sae = build_sae(SAEConfig(n_p=d, n_m=lm_spec.expansion * d, kind="topk", k=lm_spec.k, seed=seed))
                 src = A.CacheSource(cache, layer, skip_first=lm_spec.skip_first, scale=scale, contexts=train_ctx)
                 cfg = TrainConfig(steps=lm_spec.steps, batch_size=lm_spec.batch_size, lr=lm_spec.lr,
-                                  warmup_steps=max(1, lm_spec.steps // 10), seed=lm_spec.seed,
+                                  warmup_steps=max(1, lm_spec.steps // 10), seed=seed,
                                   log_every=lm_spec.steps, progress=False, device=lm_spec.device)
                 Trainer(sae, src, cfg, gamma=gamma).fit()
                 save_sae(sae, folder, extra={"layer": layer, "method": method, "scale": scale})
@@ -831,14 +832,16 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
             continue  # a row without a saved dictionary (nothing to score)
         path = Path(r["sae_dir"])
         if cache_root is not None:
-            path = Path(cache_root) / "saes" / Path(*path.parts[-3:])
+            # re-rooted below the sweep's own folder: <root>/lm_sweep/<id>/<cell>/sae (older sweeps: <root>/saes/...)
+            top = [j for j, part in enumerate(path.parts) if part in ("lm_sweep", "saes")]
+            path = Path(cache_root).joinpath(*path.parts[top[-1]:]) if top else Path(cache_root) / path.name
         # A record's own rule and α win over the names of the original sweep (new rules keep working).
         alpha = r.get("alpha", alphas.get(r["method"]))
         rule = r.get("rule") or ("untrained" if r["method"] == CONTROL else "uniform" if not alpha else "variance")
-        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec["seed"]), str(path), src, spec["k"]))
+        out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec.get("seed")), str(path), src, spec["k"]))
     if residual_control:
         for layer in sorted({e.layer for e in out} or set(spec["layers"])):
-            out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec["seed"], None, src, spec["k"]))
+            out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec.get("seed", (spec.get("seeds") or [0])[0]), None, src, spec["k"]))
     return out
 
 
