@@ -157,7 +157,11 @@ BF16_GRAD_RTOL = 5e-2
 def test_bf16_autocast_against_float64(kind, kw):
     n_p, n_m, B = 8, 24, 32
     m = models.PracticalSAE(SAEConfig(n_p=n_p, n_m=n_m, kind=kind, seed=2, **kw))
-    x = torch.randn(B, n_p, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # non-zero biases, or a kernel that drops one would pass
+        m.b_enc.copy_(0.3 * torch.randn(n_m, generator=g))
+        m.b_dec.copy_(torch.randn(n_p, generator=g))
+    x = torch.randn(B, n_p, generator=torch.Generator().manual_seed(3)) + m.b_dec.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
     grads = dict(zip([n for n, _ in m.named_parameters()], torch.autograd.grad(out.loss, list(m.parameters()))))
