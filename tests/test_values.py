@@ -395,3 +395,96 @@ def test_splice_kl_and_ce_are_the_formulas(tiny_lm):
     assert res.ce_spliced == pytest.approx(nll(spliced), rel=1e-5)
     assert res.ce_ablated == pytest.approx(nll(zero), rel=1e-5)
     assert res.ce_recovered == pytest.approx((nll(zero) - nll(spliced)) / (nll(zero) - nll(clean)), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- WSAE weights
+
+
+def test_learned_oracle_gamma_inputs_that_mean_the_same():
+    """Atoms of any norm, as a tensor (even one that requires grad), array or list, and ``alive`` as
+    booleans or 0/1 give the same Γ as the Frobenius-optimal Γ of the kept unit atoms."""
+    from wsae_core import weights
+
+    W_p = geometry.superposition_matrix([3, 2])  # n_p = 3, n = 5
+    D = W_p.T * np.array([0.5, 2.0, 7.0, 1.0, 0.1])[:, None]
+    want = weights.oracle_gamma(W_p)
+    for form in (D, D.tolist(), torch.tensor(D, requires_grad=True)):
+        torch.testing.assert_close(weights.learned_oracle_gamma(form), want)
+    extra = np.vstack([D, np.ones((1, 3))])  # a dead latent's random row
+    torch.testing.assert_close(weights.learned_oracle_gamma(extra, alive=[1, 1, 1, 1, 1, 0]), want)
+    torch.testing.assert_close(weights.learned_oracle_gamma(extra, alive=[True] * 5 + [False]), want)
+    one = weights.learned_oracle_gamma(np.array([[1.0, 2.0, 0.0]]), floor=0.25)  # one atom; floor passed on
+    torch.testing.assert_close(one, weights.oracle_gamma(np.array([[1.0], [2.0], [0.0]]) / np.sqrt(5), floor=0.25))
+    assert not torch.allclose(one, weights.oracle_gamma(np.array([[1.0], [2.0], [0.0]]) / np.sqrt(5)))
+    with pytest.raises(ValueError, match="directions"):
+        weights.learned_oracle_gamma(np.array([[1.0, np.nan, 0.0], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="zero row"):
+        weights.learned_oracle_gamma(np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_variance_gamma_passes_its_quantile_and_takes_tensors():
+    from wsae_core import weights
+
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+    var = x.double().var(0)
+    for q in (0.25, 0.5):
+        got = weights.variance_gamma(x, 1.0, "winsorised", quantile=q)
+        want = var.clamp_max(torch.quantile(var, q))
+        torch.testing.assert_close(got, (want / want.pow(2).mean().sqrt()).float())
+    torch.testing.assert_close(weights.variance_gamma(x.requires_grad_(), 0.5), weights.variance_gamma(x.detach().numpy(), 0.5))
+
+
+def test_wsae_loss_is_the_formula_and_checks_gamma():
+    from wsae_core import weights
+
+    x = np.random.default_rng(0).standard_normal((7, 3))
+    xh = np.random.default_rng(1).standard_normal((7, 3))
+    gamma = np.array([0.5, 1.0, 2.0])
+    assert float(weights.wsae_loss(x, xh, gamma)) == pytest.approx((((x - xh) * gamma) ** 2).sum(1).mean(), rel=1e-6)
+    assert float(weights.wsae_loss(x, xh)) == pytest.approx(((x - xh) ** 2).sum(1).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="length n_p = 3"):
+        weights.wsae_loss(x, xh, np.ones(4))
+
+
+def test_gamma_rules_defaults_bounds_and_floors():
+    from wsae_core import weights
+
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.05, 0.1, 0.2])
+    # defaults: raw variances, alpha = 1; the smallest legal sample (2 rows) and quantile 1 are accepted
+    torch.testing.assert_close(weights.dimension_variance(x), x.double().var(0))
+    torch.testing.assert_close(weights.make_gamma("variance", n_p=3, x_p=x), weights.variance_gamma(x, 1.0))
+    torch.testing.assert_close(weights.make_gamma("variance", n_p=3, x_p=x, estimate="unit_rms"),
+                               weights.variance_gamma(x, 1.0, "unit_rms"))
+    assert weights.dimension_variance(x[:2]).shape == (3,)
+    torch.testing.assert_close(weights.dimension_variance(x, "winsorised", 1.0), x.double().var(0))
+    # unit_rms on small activations (every rms < 1) is fine
+    r = x.double() / x.double().pow(2).mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(weights.dimension_variance(x, "unit_rms"), r.var(0))
+    for bad, match in [(x[:1], "batch >= 2"), (x[0], "batch >= 2"), (x.numpy() * np.nan, "x_p")]:
+        with pytest.raises(ValueError, match=match):
+            weights.dimension_variance(bad)
+    with pytest.raises(ValueError, match="quantile"):
+        weights.dimension_variance(x, "winsorised", 0)
+    const = x.clone()
+    const[:, 2] = 1.0
+    with pytest.raises(ValueError, match=r"x_p\[:, 2\]"):
+        weights.dimension_variance(const)
+    with pytest.raises(ValueError, match="alpha"):
+        weights.variance_gamma(x, True)
+    # n_p is checked against every rule's result
+    W_p = geometry.superposition_matrix([3, 2])
+    for kw in ({"rule": "variance", "x_p": x}, {"rule": "oracle", "W_p": W_p}, {"rule": "learned_oracle", "directions": W_p.T}):
+        with pytest.raises(ValueError, match="length n_p = 4"):
+            weights.make_gamma(n_p=4, **kw)
+    D = np.vstack([W_p.T, np.ones((1, 3))])
+    alive = [True] * 5 + [False]
+    torch.testing.assert_close(weights.make_gamma("learned_oracle", n_p=3, directions=D, alive=alive),
+                               weights.learned_oracle_gamma(D, alive))
+    assert not torch.allclose(weights.learned_oracle_gamma(D, alive), weights.learned_oracle_gamma(D))
+    # the floor is floor * max(γ) before normalising: the floored dimension sits at that ratio
+    g = weights.learned_oracle_gamma(np.array([[1.0, 2.0, 0.0]]), floor=0.25)
+    assert float(g.min() / g.max()) == pytest.approx(0.25)
+    assert weights.uniform_gamma(1).tolist() == [1.0]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n_p"):
+            weights.uniform_gamma(bad)
