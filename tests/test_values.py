@@ -488,3 +488,59 @@ def test_gamma_rules_defaults_bounds_and_floors():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="n_p"):
             weights.uniform_gamma(bad)
+
+
+# ----------------------------------------------------------------------------- metrics: edges and errors
+
+
+def test_metric_edges_against_their_definitions():
+    x = np.array([[1.0, 0.0, 2.0], [0.0, 0.0, -2.0], [0.5, 0.0, 0.0]])
+    lat = np.array([[0.8, 0.0, 0.5], [0.3, 0.1, 0.2], [0.25, 0.0, 0.0]])
+    # vanished: active coordinates whose latent is <= tol, without a matching (latents aligned with x)
+    assert metrics.vanished_fraction(x, lat) == pytest.approx(0 / 4)
+    assert metrics.vanished_fraction(x, lat, tol=0.25) == pytest.approx(2 / 4)  # 0.2 and 0.25 <= tol
+    assert metrics.vanished_fraction(x, lat, tol=0.2499) == pytest.approx(1 / 4)
+    assert metrics.vanished_fraction(x, lat, tol=0) == 0.0
+    assert metrics.vanished_fraction(np.zeros((2, 3)), lat[:2]) == 0.0  # nothing active: nothing vanished
+    for tol in (True, -1.0, np.inf, "0.1"):
+        with pytest.raises(ValueError, match="tol"):
+            metrics.vanished_fraction(x, lat, tol=tol)
+    # shrinkage: sum of matched latents over sum of x where x is active; a column whose active values
+    # sum to 0 is divided by 1, a never-active column is NaN
+    s = metrics.feature_shrinkage(x, lat)
+    np.testing.assert_allclose(s[[0]], [(0.8 + 0.25) / 1.5])
+    assert np.isnan(s[1])
+    assert s[2] == pytest.approx(0.5 + 0.2)
+    # dense: fires on more than threshold of the samples (exactly the threshold is not more)
+    assert metrics.dense_fraction(lat, 2 / 3) == 1 / 3  # latent 0 fires on 3/3; latent 2 on 2/3
+    assert metrics.dense_fraction(lat, 0) == 1.0 and metrics.dense_fraction(lat, 1) == 0.0
+    for th in (True, -0.1, 1.1):
+        with pytest.raises(ValueError, match="threshold"):
+            metrics.dense_fraction(lat, th)
+    # fvu: small variances are fine, a constant batch is an error
+    tiny = 1e-3 * np.random.default_rng(0).standard_normal((10, 3))
+    assert metrics.fvu(tiny, 0 * tiny) == pytest.approx((tiny**2).sum() / ((tiny - tiny.mean(0)) ** 2).sum())
+    with pytest.raises(ValueError, match="zero variance"):
+        metrics.fvu(np.ones((4, 3)), np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda bad: metrics.reconstruction_error(bad, np.zeros((2, 2))), "x_p"),
+    (lambda bad: metrics.reconstruction_error(np.zeros((2, 2)), bad), "x_hat"),
+    (lambda bad: metrics.fvu(bad, np.zeros((2, 2))), "x_p"),
+    (lambda bad: metrics.fvu(np.eye(2), bad), "x_hat"),
+    (lambda bad: metrics.l0(bad), "latents"),
+    (lambda bad: metrics.dead_fraction(bad), "latents"),
+    (lambda bad: metrics.dense_fraction(bad), "latents"),
+    (lambda bad: metrics.feature_shrinkage(bad, np.eye(2)), "x"),
+    (lambda bad: metrics.feature_shrinkage(np.eye(2), bad), "latents"),
+    (lambda bad: metrics.feature_shrinkage(np.eye(2), bad, np.array([0, 1])), "latents"),
+    (lambda bad: metrics.vanished_fraction(bad, np.eye(2)), "x"),
+    (lambda bad: metrics.vanished_fraction(np.eye(2), bad), "latents"),
+    (lambda bad: metrics.ground_truth_error(bad, np.eye(2)), "x"),
+    (lambda bad: metrics.match_latents(bad, np.eye(2)), "directions"),
+    (lambda bad: metrics.match_latents(np.eye(2), bad), "W_p"),
+])
+def test_metric_errors_name_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be 2-D, got shape \(2,\)"):
+        call(np.ones(2))
