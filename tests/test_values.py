@@ -544,3 +544,16 @@ def test_metric_edges_against_their_definitions():
 def test_metric_errors_name_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"^{name} must be 2-D, got shape \(2,\)"):
         call(np.ones(2))
+
+
+def test_gamma_rule_inputs_keep_float64_and_reject_bad_shapes():
+    from wsae_core import weights
+
+    # a list of Python floats is read as float64: a 1e-9 difference is a variance, not rounding noise
+    var = weights.dimension_variance([[1.0, 0.0], [1.0 + 1e-9, 1.0]])
+    assert float(var[0]) == pytest.approx(0.5e-18, rel=1e-6)
+    with pytest.raises(ValueError, match="quantile"):
+        weights.dimension_variance(np.eye(3), "winsorised", True)
+    for bad in (np.ones(3), np.zeros((0, 3))):
+        with pytest.raises(ValueError, match="matrix of atoms"):
+            weights.learned_oracle_gamma(bad)
