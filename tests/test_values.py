@@ -557,3 +557,22 @@ def test_gamma_rule_inputs_keep_float64_and_reject_bad_shapes():
     for bad in (np.ones(3), np.zeros((0, 3))):
         with pytest.raises(ValueError, match="matrix of atoms"):
             weights.learned_oracle_gamma(bad)
+
+
+def test_ground_truth_error_edges_and_perm_errors():
+    x = np.array([[1.0, 0.0], [0.0, 2.0]])
+    lat = np.array([[0.5, 0.25], [0.0, 1.0]])
+    gt = metrics.ground_truth_error(x, lat)
+    assert gt.nonzero == pytest.approx((0.5**2 + 1.0**2) / 2)
+    assert gt.zero == pytest.approx(0.25**2 / 2)
+    assert gt.all == pytest.approx((0.25 + 0.0625 + 1.0) / 2) and gt.unmatched == 0.0
+    # nothing active, or everything active: the empty part is 0, not NaN
+    assert metrics.ground_truth_error(np.zeros((2, 2)), lat).nonzero == 0.0
+    assert metrics.ground_truth_error(np.ones((2, 2)), lat).zero == 0.0
+    for bad in (np.array([[0, 1]]), np.array([0.0, 1.0]), np.array([0, -2]), np.array([0, 2])):
+        with pytest.raises(ValueError, match="perm"):
+            metrics.ground_truth_error(x, lat, bad)
+    assert metrics.ground_truth_error(x, lat, np.array([-1, 1])).all > 0  # -1 = no latent: allowed
+    for call in (lambda: metrics.ground_truth_error(x, lat * np.nan), lambda: metrics.l0(lat * np.nan)):
+        with pytest.raises(ValueError, match=r"^latents must be finite, got nan at \[0, 0\]"):
+            call()
