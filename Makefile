@@ -26,7 +26,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # glibc returns big buffers to the OS and re-faults them every training step; keep them.
 export MALLOC_MMAP_MAX_ := 0
 
-.PHONY: help setup browser book test unit notebooks clean
+.PHONY: help setup browser book test unit notebooks mutation clean
 
 help:
 	@echo "make book   build the book into _build/html (profile book; first run installs .venv)"
@@ -79,6 +79,22 @@ test: setup $(TEST_STAMP) browser
 
 unit: setup
 	WSAE_PROFILE=ci $(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# Mutation testing of the core modules with mutmut (configured in pyproject.toml), outside make test:
+# hours for all eight modules on two cores. Resumable: a second run continues where the first stopped.
+#   make mutation MUTATE="models train"    (module names in wsae_core; the score is printed per module)
+MUTATE ?= weights metrics geometry models train symbolic lm interp
+MUTATION_JOBS ?= 2
+MUTATION_STAMP := $(VENV)/.installed-mutation
+$(MUTATION_STAMP): $(STAMP) requirements-mutation.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-mutation.txt
+	touch $(MUTATION_STAMP)
+
+mutation: setup $(MUTATION_STAMP)
+	for m in $(MUTATE); do \
+	  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WSAE_PROFILE=ci WSAE_SKIP_SMOLLM2=1 \
+	    $(BIN)/mutmut run --max-children $(MUTATION_JOBS) "wsae_core.$$m.*"; done
+	$(BIN)/python tools/mutation_score.py $(MUTATE)
 
 notebooks: setup
 	WSAE_PROFILE=book $(BIN)/python tools/execute_notebooks.py book/*.ipynb

@@ -25,15 +25,16 @@ from pathlib import Path
 
 import pytest
 
+from required import missing, require
 from test_built_book import HTML, pages
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+# Under make test (WSAE_REQUIRE_BROWSER) a missing Playwright or Chromium fails instead of skipping.
+playwright_api = require("playwright.sync_api", "pip install -r requirements.txt", env="WSAE_REQUIRE_BROWSER")
 
 CHROMIUM = os.environ.get("WSAE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    if os.environ.get("WSAE_REQUIRE_BROWSER"):
-        raise RuntimeError("WSAE_REQUIRE_BROWSER is set but no chromium was found (make browser installs it)")
-    pytest.skip("Chromium not found (make browser installs Debian's chromium)", allow_module_level=True)
+    missing("Chromium not found (make browser installs Debian's chromium)", allow_module_level=True,
+            env="WSAE_REQUIRE_BROWSER")
 
 SCREENSHOTS = HTML.parent / "screenshots"
 # Flags from a closed-network machine: no background traffic, no sandbox as root, no GPU.
@@ -146,7 +147,7 @@ def test_chapter_renders_offline(browser, server, path: Path):
 def test_precomputed_explorer_works_without_a_kernel(browser, server):
     """The playground's pre-rendered explorer must change its figure when its controls move."""
     if not (HTML / "book" / "playground.html").exists():
-        pytest.skip("no playground chapter in this build")
+        missing("no playground chapter in this build", env="WSAE_REQUIRE_BROWSER")
     page, problems = _open(browser, server, "book/playground.html")
     try:
         frame = page.locator(".wsae-explorer .wsae-frame").first

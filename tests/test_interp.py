@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from required import missing, require
 
 from wsae_core import interp as I
 
@@ -432,13 +433,13 @@ def test_endpoint_unreachable_and_configuration(monkeypatch):
 def test_smollm2_option_scoring_and_chat():
     """The one test that loads SmolLM2-135M-Instruct (~15 s): batched option scoring equals one-by-one
     scoring, and a chat reply is a string."""
-    pytest.importorskip("gguf")
+    require("gguf")
     from wsae_core.lm import smollm2_location
 
     try:
         smollm2_location()
     except (ImportError, FileNotFoundError) as err:
-        pytest.skip(str(err))
+        missing(str(err))
     c = I.HFChatClient(batch_size=4)
     assert c.identity == "hf:smollm2-135m-instruct-gguf-q4_1:float32"
     prompts = [I.detection_messages("the word cat", t) for t in ("The cat sat.", "Stock prices fell sharply today.", "A dog")]
@@ -458,13 +459,13 @@ def test_smollm2_option_scoring_and_chat():
 def test_planted_latent_calibration_with_the_keyword_client():
     """The calibration runner on planted latents: a keyword judge scores a token latent perfectly and a
     random latent near chance (the real judge's run is in the chapter)."""
-    pytest.importorskip("gguf")
+    require("gguf")
     from wsae_core.experiments import interp as E
 
     try:
         E.load_tokenizer()
     except (ImportError, FileNotFoundError) as err:
-        pytest.skip(str(err))
+        missing(str(err))
     spec = E.CalibrationSpec(n_contexts=512, tokens=(" species", " city"), topics=("People",), n_random=2)
     res = E.run_calibration(I.KeywordClient(), spec)
     by = {r["latent"]: r for r in res["records"]}

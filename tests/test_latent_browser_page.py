@@ -9,6 +9,7 @@ opens a latent of another SAE. Skipped like those tests where no book is built o
 from __future__ import annotations
 
 import pytest
+from required import missing
 from test_browser import SCREENSHOTS, _open, browser, server  # noqa: F401  (fixtures)
 from test_built_book import HTML
 
@@ -17,7 +18,7 @@ PAGE = "book/latent_browser.html"
 
 def test_the_page_searches_opens_shades_and_links_offline(browser, server):  # noqa: F811
     if not (HTML / PAGE).exists():
-        pytest.skip("no latent browser page in this build")
+        missing("no latent browser page in this build", env="WSAE_REQUIRE_BROWSER")
     page, problems = _open(browser, server, PAGE)
     try:
         page.wait_for_selector(".wsae-lb-item", timeout=20_000)

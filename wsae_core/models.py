@@ -334,9 +334,8 @@ class _FusedReluSAE(torch.autograd.Function):
         dtype = ctx.dtype
         B = x.shape[0]
         # d recon / d rec = 2 w2 err / B; upstream grads of the returned lat/rec are added when used.
-        g_rec = err * (w2 * (2.0 * g_recon / B))
-        if g_rec_out is not None:
-            g_rec = g_rec + g_rec_out
+        g_err = err * (w2 * (2.0 * g_recon / B))
+        g_rec = g_err if g_rec_out is None else g_err + g_rec_out
         g_rec_c = g_rec.to(dtype)
         grad_W_dec = (lat.T @ g_rec_c).float()
         grad_b_dec = g_rec.sum(0)
@@ -352,7 +351,10 @@ class _FusedReluSAE(torch.autograd.Function):
         else:
             grad_W_enc = (g_pre.T @ x.to(dtype)).float().sub_(torch.outer(gs, b_dec))
         grad_b_dec = grad_b_dec - gs @ W_enc
-        return None, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # x enters through the pre-activations and, in recon only, through err
+            grad_x = g_pre.float() @ W_enc - g_err
+        return grad_x, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None, None
 
 
 def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float) -> float:
@@ -488,9 +490,8 @@ class _FusedTopKSAE(torch.autograd.Function):
         xc, W_enc, W_dec, w2, idx, vals, err, a_idx, a_vals, a_err = ctx.saved_tensors
         B, k = idx.shape
         n_m = W_enc.shape[0]
-        g_rec = err * (w2 * (2.0 * g_recon / B))
-        if g_rec_out is not None:
-            g_rec = g_rec + g_rec_out
+        g_err = err * (w2 * (2.0 * g_recon / B))
+        g_rec = g_err if g_rec_out is None else g_err + g_rec_out
         idx_l, val_l, g_out_l = [idx], [vals], [g_rec]  # selections, their values, their output grads
         if ctx.aux:
             g_e = a_err * (w2 * (2.0 * ctx.aux_scale * g_aux / B))
@@ -524,7 +525,8 @@ class _FusedTopKSAE(torch.autograd.Function):
         grad_b_dec = g_rec.sum(0) - grad_b_enc @ W_enc
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = -g_rec + sum(F.embedding_bag(i, W_enc, per_sample_weights=g, mode="sum")
+            # only recon sees x directly (err = x̂ - x); the returned x̂ depends on x through the latents alone
+            grad_x = -g_err + sum(F.embedding_bag(i, W_enc, per_sample_weights=g, mode="sum")
                                   for i, g in zip(idx_l, g_sel))
         return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None, None
 
