@@ -190,7 +190,7 @@ class LMSpec:
         return (self.wide_expansion if layer in self.wide_layers else self.expansion) * d_model
 
 
-#: The issue's full size on the offline substitute (``--full``): about the whole Wikipedia corpus
+#: The full size on the offline substitute (``--full``): about the whole Wikipedia corpus
 #: (7,000 training contexts of 128 from 90 % of the documents, 700 held-out contexts from the rest),
 #: 6 layers over the depth, every rule, 3 seeds, 8x width (32x at two layers).
 FULL: dict[str, Any] = {
@@ -207,7 +207,7 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> LMSpec:
     ``book``: SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised; instruct-tuned; 30 blocks, d = 576;
     a substitute for Pythia-160M), Wikipedia leads split by document, the cells that answer the
     sign question (SAE, raw variance rule α = -0.5 and +0.5) at layers 3 and 9, 3 seeds, 8x width,
-    k = 32 (sized to finish on a shared 2-core CPU; :data:`FULL` is the issue's full size).
+    k = 32 (sized to finish on a shared 2-core CPU; :data:`FULL` is the full size: the whole corpus, six layers, every rule).
     ``paper``: Pythia-160M, layers 0-11, k = 32, 32x (24,576 latents), the corpus cached in bfloat16,
     4096-token batches; every rule; GPU.
     """
@@ -1040,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
-    parser.add_argument("--full", action="store_true", help="the issue's full size on the profile's model (FULL)")
+    parser.add_argument("--full", action="store_true", help="the full-size sweep on the profile's model (FULL: whole corpus, six layers, every rule)")
     parser.add_argument("--model", default=None, help="override the profile's model (hub id or folder)")
     parser.add_argument("--layers", type=int_at_least(0, "a block index (integer >= 0)"), nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None, help=f"rules among {list(RULES)}")
