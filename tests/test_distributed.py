@@ -1,5 +1,6 @@
 """torch.distributed with 2 CPU processes (gloo): the sweep's cells sharded over ranks by torchrun
-give the single process's results, and DDP training at batch B per rank equals one process at 2B."""
+give the single process's results, and DDP training at batch B per rank equals one process at 2B
+(AuxK included: its normaliser is all-reduced to the global batch's)."""
 
 import json
 import os
@@ -94,7 +95,8 @@ def _ddp_problem():
     # Sparse non-negative codes on random directions.
     codes = torch.rand(4096, 48, generator=g) * (torch.rand(4096, 48, generator=g) < 0.1)
     x = codes @ torch.randn(48, 16, generator=g)
-    return build_sae(SAEConfig(n_p=16, n_m=256, kind="topk", k=2, seed=3)), TensorSource(x), torch.linspace(0.5, 1.5, 16)
+    sae = build_sae(SAEConfig(n_p=16, n_m=256, kind="topk", k=2, seed=3))  # wide and sparse: latents die
+    return sae, TensorSource(x), torch.linspace(0.5, 1.5, 16)
 
 
 def _ddp_cfg(steps: int, batch: int):
