@@ -1,5 +1,6 @@
 """torch.distributed with 2 CPU processes (gloo): the sweep's cells sharded over ranks by torchrun
-give the single process's results, and DDP training at batch B per rank equals one process at 2B."""
+give the single process's results, and DDP training at batch B per rank equals one process at 2B
+(AuxK included: its normaliser is all-reduced to the global batch's)."""
 
 import json
 import os
@@ -66,16 +67,22 @@ def test_sharded_sweep_equals_single_process(tmp_path):
     assert {r["rank"] for r in ra} == {0} and {r["rank"] for r in rb} == {0, 1}
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, steps: int, batch: int):
+def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     D.init("gloo")
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, steps: int, batch: int):
+    _join(rank, world, port)
     try:
         sae, src, gamma = _ddp_problem()
         trainer = D.train_ddp(sae, src, _ddp_cfg(steps, batch), gamma=gamma)
+        assert not sae.sync_batch_stats  # on only while fitting
         if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}, out)
+            state = {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}
+            torch.save({"state": state, "history": trainer.history}, out)
     finally:
         D.finish()
 
@@ -88,19 +95,21 @@ def _ddp_problem():
     # Sparse non-negative codes on random directions.
     codes = torch.rand(4096, 48, generator=g) * (torch.rand(4096, 48, generator=g) < 0.1)
     x = codes @ torch.randn(48, 16, generator=g)
-    return build_sae(SAEConfig(n_p=16, n_m=64, kind="topk", k=4, seed=3)), TensorSource(x), torch.linspace(0.5, 1.5, 16)
+    sae = build_sae(SAEConfig(n_p=16, n_m=256, kind="topk", k=2, seed=3))  # wide and sparse: latents die
+    return sae, TensorSource(x), torch.linspace(0.5, 1.5, 16)
 
 
 def _ddp_cfg(steps: int, batch: int):
     from wsae_core.train import TrainConfig
 
-    # AuxK off: its normalising constant (the residual's variance, models._auxk_factor) is taken
-    # over each rank's slice, so with AuxK the ranks' steps differ slightly from the doubled batch.
+    # AuxK on with a strong coefficient and a short dead horizon, so that latents die within the run
+    # and the AuxK term (its normaliser is a global-batch statistic under DDP) moves the weights.
     return TrainConfig(steps=steps, batch_size=batch, lr=3e-3, warmup_steps=2, seed=5, progress=False,
-                       dead_steps=4, auxk_coeff=0.0, precision="fp32")
+                       dead_steps=4, auxk_coeff=0.5, log_every=1, precision="fp32")
 
 
 def test_ddp_matches_single_process_with_doubled_batch(tmp_path):
+    """2 ranks at batch 64 take the steps of one process at batch 128, with AuxK working on dead latents."""
     from wsae_core.train import Trainer
 
     steps, batch = 30, 64
@@ -110,7 +119,61 @@ def test_ddp_matches_single_process_with_doubled_batch(tmp_path):
     sae, src, gamma = _ddp_problem()
     trainer = Trainer(sae, src, _ddp_cfg(steps, 2 * batch), gamma=gamma)
     trainer.fit()
+    for hist in (trainer.history, ddp["history"]):  # AuxK was at work, in both runs
+        assert sum(h["auxk_loss"] > 0 for h in hist) >= steps // 2 and max(h["dead_fraction"] for h in hist) > 0
     start = _ddp_problem()[0].state_dict()
     for k, v in sae.state_dict().items():
         assert not torch.equal(v, start[k]), f"{k} did not train"
-        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ddp["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def _auxk_worker(rank: int, world: int, port: int, out: str):
+    """Each rank's AuxK loss and its gradient on its slice, averaged over the ranks as DDP does,
+    with and without the global normaliser, for the fused and the autograd Top-k."""
+    _join(rank, world, port)
+    try:
+        x, gamma, dead = _auxk_problem()
+        part = x.chunk(world)[rank]
+        res = {}
+        for fused in (True, False):
+            for sync in (True, False):
+                res[fused, sync] = _auxk_loss_and_grads(part, gamma, dead, fused, sync)
+                torch.distributed.all_reduce(res[fused, sync])
+                res[fused, sync] /= world
+        if rank == 0:
+            torch.save(res, out)
+    finally:
+        D.finish()
+
+
+def _auxk_problem():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 16, generator=g) * torch.linspace(0.2, 3.0, 16) + 1.5
+    x[48:] *= 2.0  # the two ranks' slices differ in spread, so a slice's variances are not the batch's
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=g)[:40]] = True
+    return x, torch.linspace(0.5, 1.5, 16), dead
+
+
+def _auxk_loss_and_grads(x, gamma, dead, fused: bool, sync: bool) -> torch.Tensor:
+    from wsae_core.models import PracticalSAE, SAEConfig
+
+    sae = PracticalSAE(SAEConfig(n_p=16, n_m=64, kind="topk", k=4, seed=3), fused=fused)
+    sae.sync_batch_stats = sync
+    out = sae(x, gamma, dead, 8)
+    grads = torch.autograd.grad(out.auxk_loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
+    return torch.cat([out.auxk_loss.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+
+
+def test_ddp_auxk_loss_and_gradient_are_the_global_batchs(tmp_path):
+    """The rank-averaged AuxK loss and gradient equal one process's on the whole batch only with the
+    all-reduced normaliser (the check fails without it: the slices' variances differ)."""
+    out = tmp_path / "auxk.pt"
+    mp.spawn(_auxk_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    x, gamma, dead = _auxk_problem()
+    for fused in (True, False):
+        whole = _auxk_loss_and_grads(x, gamma, dead, fused, sync=False)
+        assert whole[0] > 0
+        torch.testing.assert_close(res[fused, True], whole, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(res[fused, False], whole, rtol=1e-2, atol=1e-4)  # the slices' own normalisers

@@ -344,7 +344,7 @@ def test_sigkill_while_building_the_cache_then_rerun_finishes_equal(scripts, mod
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
-def test_damaged_shard_is_refused_then_rebuilt(tiny, contexts, tmp_path, monkeypatch, damage):
+def test_damaged_shard_is_refused_then_rebuilt(tiny, contexts, tmp_path, capture_calls, damage):
     cache = A.build_activation_cache(tiny, contexts, [0, 2], root=tmp_path, shard_contexts=16, batch_size=8)
     want = {l: cache.activations(l) for l in (0, 2)}
     target = cache.folder / "shard_00001" / "layer_2.npy"
@@ -360,16 +360,9 @@ def test_damaged_shard_is_refused_then_rebuilt(tiny, contexts, tmp_path, monkeyp
         match = r"layer_2.npy is missing"
     with pytest.raises(checks.CorruptFileError, match=match):
         A.ActivationCache(cache.folder).activations(2)  # refused, never read silently
-    calls = {"n": 0}
-    real = A.capture_residuals
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(A, "capture_residuals", counting)
+    capture_calls["n"] = 0
     again = A.build_activation_cache(tiny, contexts, [0, 2], root=tmp_path, shard_contexts=16, batch_size=8)
-    assert calls["n"] == 2 and again.meta["tokens_computed"] == 16 * 24  # only shard 1 was rebuilt
+    assert capture_calls["n"] == 2 and again.meta["tokens_computed"] == 16 * 24  # only shard 1 was rebuilt
     for l in (0, 2):
         assert torch.equal(A.ActivationCache(again.folder).activations(l), want[l])
 

@@ -186,26 +186,18 @@ def test_other_sources(tmp_path):
             C.load_documents("hf:wikitext:wikitext-2-raw-v1")
 
 
-def test_cache_shards_reuse_and_resume(tiny, contexts, tmp_path, monkeypatch):
+def test_cache_shards_reuse_and_resume(tiny, contexts, tmp_path, capture_calls):
     layers = [0, 2]
-    calls = {"n": 0}
-    real = A.capture_residuals
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(A, "capture_residuals", counting)
     cache = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
-    assert cache.meta["n_shards"] == 3 and calls["n"] == 5  # 16 + 16 + 8 contexts in batches of 8
+    assert cache.meta["n_shards"] == 3 and capture_calls["n"] == 5  # 16 + 16 + 8 contexts in batches of 8
     assert cache.n_tokens == 40 * 24 and cache.nbytes > 40 * 24 * 32 * 4 * 2
     # Stored values are what the hooks see.
     ref = L.capture_residuals(tiny, torch.from_numpy(contexts.tokens[17:18]), layers)
     np.testing.assert_allclose(cache.gather(2, np.arange(17 * 24, 18 * 24)), ref[2][0].numpy(), rtol=1e-6)
     # Reuse: same key, nothing recomputed.
-    calls["n"] = 0
+    capture_calls["n"] = 0
     again = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
-    assert calls["n"] == 0 and again.folder == cache.folder
+    assert capture_calls["n"] == 0 and again.folder == cache.folder
     # A crash: the last shard is missing, a half-written shard is left over, meta not complete.
     import shutil
 
@@ -217,7 +209,7 @@ def test_cache_shards_reuse_and_resume(tiny, contexts, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="incomplete"):
         A.ActivationCache(cache.folder)
     resumed = A.build_activation_cache(tiny, contexts, layers, root=tmp_path, shard_contexts=16, batch_size=8)
-    assert calls["n"] == 1 and resumed.meta["tokens_computed"] == 8 * 24
+    assert capture_calls["n"] == 1 and resumed.meta["tokens_computed"] == 8 * 24
     assert not (cache.folder / "shard_00002.tmp").exists()
     np.testing.assert_array_equal(resumed.activations(0), cache.activations(0))
     # A different key (another layer set) gets its own folder.

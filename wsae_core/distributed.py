@@ -13,8 +13,10 @@ either way. Backend: NCCL when CUDA is available, else gloo (CPU)::
 
 Cells are independent, so rank ``r`` of ``N`` simply takes cells ``r, r + N, ...`` (:func:`shard`).
 One large SAE trains data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel`
-(:func:`train_ddp`): every rank draws the same global batch and keeps its slice, so ``N`` ranks at
-batch ``B`` take the same steps as one process at batch ``N·B`` (tested).
+(:func:`train_ddp`): every rank draws the same global batch and keeps its slice, and every batch
+statistic of the training step (the decoder bias's start, the dead latents, the AuxK loss's
+normaliser) is taken over the global batch, so ``N`` ranks at batch ``B`` take the same steps as one
+process at batch ``N·B``, AuxK included (tested: equal weights to float32 rounding, rtol 1e-4).
 """
 
 from __future__ import annotations
@@ -126,10 +128,17 @@ def train_ddp(sae: torch.nn.Module, source: Any, cfg: Any, gamma: Any = None) ->
     ``sae`` is trained in place and equal on every rank).
 
     Every rank draws the same global batch from ``source`` (same ``cfg.seed``) and trains on its
-    slice (:class:`ShardedSource`); DDP averages the gradients, which is the gradient of the mean
-    loss over the global batch. Two things that a single process computes from its batch are
-    made global: the decoder bias starts at the mean of the first global batch, and a latent counts
-    as fired at a step if it fired on any rank (AuxK's dead latents are the same everywhere).
+    slice (:class:`ShardedSource`). Each rank's loss is a mean over its slice and the slices are
+    equal, so the gradients that DDP averages over the ranks are the gradient of the mean loss over
+    the global batch. What a single process computes from its whole batch is made global: the
+    decoder bias starts at the mean of the first global batch; a latent counts as fired at a step if
+    it fired on any rank (AuxK's dead latents are the same everywhere); and the AuxK loss is
+    normalised by the variances of the global batch and of its residual (two all-reduces of
+    ``2 n_p + 3`` numbers in the Top-k forward, :attr:`~wsae_core.models.PracticalSAE.sync_batch_stats`),
+    not by those of the rank's slice. The constant that normalisation makes is the same on every
+    rank, so the averaged AuxK gradient is the global batch's too. The reconstruction and L1 terms
+    are plain per-sample means and need nothing. ``history`` records what each rank saw on its
+    slice (loss, FVU against the slice's variance, L0): logged, not trained on.
     """
     from dataclasses import replace
 
@@ -150,7 +159,18 @@ def train_ddp(sae: torch.nn.Module, source: Any, cfg: Any, gamma: Any = None) ->
 
 
 class _SyncedTrainer(Trainer):
-    """A :class:`~wsae_core.train.Trainer` whose dead-latent counts agree across ranks."""
+    """A :class:`~wsae_core.train.Trainer` whose dead-latent counts and AuxK normaliser are those of
+    the global batch (the SAE's ``sync_batch_stats`` is on while it fits)."""
+
+    def fit(self, until: int | None = None) -> list[dict]:
+        sae = getattr(self.model, "module", self.model)
+        if not _active() or not hasattr(sae, "sync_batch_stats"):
+            return super().fit(until)
+        sae.sync_batch_stats = True
+        try:
+            return super().fit(until)
+        finally:
+            sae.sync_batch_stats = False
 
     def _track_dead(self, out) -> None:
         if not _active():

@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -357,7 +358,7 @@ class _FusedReluSAE(torch.autograd.Function):
         return grad_x, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None, None
 
 
-def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float) -> float:
+def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float, sync: bool = False) -> float:
     """The constant ``c`` of the AuxK loss ``c * E||Γ(ê - e)||²`` (Gao et al. 2024, Appendix A.2).
 
     Gao et al. divide the auxiliary error by the variance of its target, the residual ``e``, so the
@@ -366,10 +367,23 @@ def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float) -> float:
     data's variance per sample): with coefficient α the objective is, up to that constant,
     ``FVU + α * dead_scale * NMSE_aux``, as in both. ``dead_scale = min(n_dead / k_aux, 1)``
     (sparsify) lowers the weight while few latents are dead. Variances are Γ-weighted.
+
+    ``sync``: ``x`` and ``e`` are this rank's slice of a global batch split over the default process
+    group (data-parallel training): both variances are then those of the global batch, so every
+    rank uses the constant that one process with the whole batch uses.
     """
-    var_x = ((x - x.mean(0)).pow(2).sum(0) * w2).sum()
-    var_e = ((e - e.mean(0)).pow(2).sum(0) * w2).sum().clamp_min(1e-30)
-    return dead_scale * float(var_x / var_e)
+    if not sync:
+        var_x = ((x - x.mean(0)).pow(2).sum(0) * w2).sum()
+        var_e = ((e - e.mean(0)).pow(2).sum(0) * w2).sum().clamp_min(1e-30)
+        return dead_scale * float(var_x / var_e)
+    # Global means first, then squares about them: sum(x²) - N·mean² would cancel catastrophically.
+    n_p = x.shape[1]
+    sums = torch.cat([x.sum(0), e.sum(0), x.new_full((1,), x.shape[0])])
+    dist.all_reduce(sums)
+    mean_x, mean_e = sums[:n_p] / sums[-1], sums[n_p:-1] / sums[-1]
+    sq = torch.stack([((x - mean_x).pow(2).sum(0) * w2).sum(), ((e - mean_e).pow(2).sum(0) * w2).sum()])
+    dist.all_reduce(sq)
+    return dead_scale * float(sq[0] / sq[1].clamp_min(1e-30))
 
 
 def _rows_dot(W: Tensor, idx: Tensor, g: Tensor) -> Tensor:
@@ -442,7 +456,8 @@ class _FusedTopKSAE(torch.autograd.Function):
     in ``dtype``); the k largest per row are kept and ReLU'd; ``x̂ = sum_j a_j W_dec[idx_j] + b_dec``
     by ``embedding_bag`` (fp32). With dead latents ``dead`` (ids), AuxK (:func:`_auxk_factor`): the
     ``k_aux`` largest pre-activations among them, ReLU'd, decode ``ê = sum_j a'_j W_dec[idx'_j]``
-    (no bias) and ``aux = c * E||Γ(ê - e)||²`` with the residual ``e = x - x̂`` held constant.
+    (no bias) and ``aux = c * E||Γ(ê - e)||²`` with the residual ``e = x - x̂`` held constant
+    (``c`` from the global batch when ``sync``, see :attr:`PracticalSAE.sync_batch_stats`).
 
     Backward: every product involves only the ``batch * (k + k_aux)`` selected pairs: value
     gradients by sampled dot products (:func:`_rows_dot`), weight gradients by one latent-sorted
@@ -455,7 +470,7 @@ class _FusedTopKSAE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, w2, k, dead, k_aux, aux_scale, dtype):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, w2, k, dead, k_aux, aux_scale, dtype, sync=False):
         B = x.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
@@ -475,7 +490,7 @@ class _FusedTopKSAE(torch.autograd.Function):
             if aux:
                 # ê - e with e = x - x̂ = -err
                 a_err = F.embedding_bag(a_idx, W_dec, per_sample_weights=a_vals, mode="sum").add_(err)
-                aux_scale = _auxk_factor(x, err, w2, aux_scale)
+                aux_scale = _auxk_factor(x, err, w2, aux_scale, sync)
                 aux_loss = (a_err.pow(2).sum(0) * w2).sum() * (aux_scale / B)
             else:
                 a_idx = a_vals = a_err = None
@@ -528,7 +543,7 @@ class _FusedTopKSAE(torch.autograd.Function):
             # only recon sees x directly (err = x̂ - x); the returned x̂ depends on x through the latents alone
             grad_x = -g_err + sum(F.embedding_bag(i, W_enc, per_sample_weights=g, mode="sum")
                                   for i, g in zip(idx_l, g_sel))
-        return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None, None
+        return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None, None, None
 
 
 class PracticalSAE(nn.Module):
@@ -545,6 +560,11 @@ class PracticalSAE(nn.Module):
     Initialisation: ``W_enc`` random rows of norm ``init_scale``, ``W_dec = W_enc`` normalised,
     biases 0 (the trainer starts ``b_dec`` at the data mean).
     """
+
+    #: Set while the SAE trains data-parallel (:func:`wsae_core.distributed.train_ddp`): each rank's
+    #: batch is a slice of one global batch over the default process group, and the AuxK constant
+    #: (:func:`_auxk_factor`), the only batch statistic in the loss, is all-reduced to that batch's.
+    sync_batch_stats: bool = False
 
     def __init__(self, cfg: SAEConfig, fused: bool = True):
         super().__init__()
@@ -611,7 +631,8 @@ class PracticalSAE(nn.Module):
                 k_aux = min(k_aux, dead.numel())
         if self.fused:
             vals, idx, rec, recon, aux = _FusedTopKSAE.apply(
-                x_p, self.W_enc, self.b_enc, self.W_dec, self.b_dec, w2, cfg.k, dead, k_aux, scale, dtype)
+                x_p, self.W_enc, self.b_enc, self.W_dec, self.b_dec, w2, cfg.k, dead, k_aux, scale, dtype,
+                self.sync_batch_stats)
         else:
             pre = self._pre(x_p)
             vals, idx = pre.topk(cfg.k, dim=1, sorted=False)
@@ -623,7 +644,8 @@ class PracticalSAE(nn.Module):
                 a_vals, a_local = pre[:, dead].topk(k_aux, dim=1, sorted=False)
                 e_hat = F.linear(torch.zeros_like(pre).scatter(1, dead[a_local], a_vals.relu()), self.W_dec.T)
                 e = (x_p - rec).detach()
-                aux = _auxk_factor(x_p.detach(), e, w2, scale) * _weighted_sq_error(e, e_hat, gamma)
+                c = _auxk_factor(x_p.detach(), e, w2, scale, self.sync_batch_stats)
+                aux = c * _weighted_sq_error(e, e_hat, gamma)
         return ForwardOutput(vals, idx, rec, recon, recon, zero, _fvu(x_p, rec), aux)
 
     @torch.no_grad()
