@@ -391,7 +391,10 @@ def test_book_results_recomputed_from_the_per_seed_records():
                 assert verdicts[(m, l)] == expect
     for r in res["records"]:
         curve = r["curve"]["held_out_fvu"]
-        assert curve[-1] == pytest.approx(r["fvu"], rel=1e-3) and curve[-1] < curve[0]
+        assert curve[-1] == pytest.approx(r["fvu"], rel=1e-3)
+        if r["rule"] in ("uniform", "learned_oracle"):
+            # a strongly reweighted WSAE minimises a Γ-weighted error: its plain FVU may rise (α = +1, layer 3)
+            assert curve[-1] < curve[0]
         q3 = curve[r["curve"]["step"].index(round(spec.steps * 3 / 4))]
         assert r["fvu_change_last_quarter"] == pytest.approx(abs(curve[-1] - q3) / curve[-1], rel=1e-9)
         assert r["converged"] == (max(r["fvu_change_last_quarter"], r["ce_recovered_change_last_quarter"]) < 0.05)

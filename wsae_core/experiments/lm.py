@@ -205,8 +205,9 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> LMSpec:
 
     ``ci``: tiny random GPT-NeoX (3 blocks, d = 32), 2 layers, 4 rules, 3 seeds, seconds.
     ``book``: SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised; instruct-tuned; 30 blocks, d = 576;
-    a substitute for Pythia-160M), Wikipedia leads split by document, the cells that answer the
-    sign question (SAE, raw variance rule α = -0.5 and +0.5) at layers 3 and 9, 3 seeds, 8x width,
+    a substitute for Pythia-160M), Wikipedia leads split by document, layers 3 and 9, 3 seeds, 8x width,
+    the rules that answer the sign question (SAE, raw variance rule α = -1, -0.5, +0.5, +1), the two
+    other variance estimates at the paper's α = 0.5 (winsorised, unit-RMS) and rule (d),
     k = 32 (sized to finish on a shared 2-core CPU; :data:`FULL` is the full size: the whole corpus, six layers, every rule).
     ``paper``: Pythia-160M, layers 0-11, k = 32, 32x (24,576 latents), the corpus cached in bfloat16,
     4096-token batches; every rule; GPU.
@@ -216,7 +217,8 @@ def spec_for(profile: Profile | None = None, **overrides: Any) -> LMSpec:
         model=pick(ci="tiny-gpt-neox", book="smollm2-135m-instruct", paper="EleutherAI/pythia-160m", profile=profile),
         layers=pick(ci=(0, 2), book=(3, 9), paper=tuple(range(12)), profile=profile),
         methods=pick(ci=("SAE", "WSAE α=-1", "WSAE α=1", "WSAE learned oracle"),
-                     book=("SAE", "WSAE α=-0.5", "WSAE α=0.5"), paper=tuple(RULES), profile=profile),
+                     book=("SAE", "WSAE α=-1", "WSAE α=-0.5", "WSAE α=0.5", "WSAE α=1", "WSAE winsorised α=0.5",
+                           "WSAE unit-RMS α=0.5", "WSAE learned oracle"), paper=tuple(RULES), profile=profile),
         seeds=(0, 1, 2),
         context_len=pick(ci=32, book=128, paper=256, profile=profile),
         n_train_contexts=pick(ci=64, book=400, paper=3500, profile=profile),
