@@ -535,6 +535,23 @@ def test_frobenius_gap_against_its_definition():
     assert g.frobenius_gap(W) == pytest.approx(g.frobenius_gap(W, np.ones(3)), rel=1e-15)
     for rescale in (True, False):  # W_p = 0: ||-I|| = sqrt(n), no 0/0
         assert g.frobenius_gap(np.zeros((2, 4)), rescale=rescale) == pytest.approx(2.0)
+    # the rescaled gap judges only the shape of W_pᵀΓ²W_p: any small overall scale gives the same
+    assert g.frobenius_gap(0.1 * W, gam) == pytest.approx(g.frobenius_gap(W, gam), rel=1e-12)
+
+
+def test_bad_matrices_are_named_in_the_error():
+    # Each function names its own argument (case included) when the matrix is not 2-D.
+    for call, name in ((lambda A: g.closed_form_sae(A, 3), "W_p"), (g.frobenius_gap, "W_p"),
+                       (lambda A: g.rotate_rows(A, 0.1), "W_m"), (g.interference, "W_p"),
+                       (g.frobenius_optimal_gamma, "W_p"), (lambda A: g.recover(A, [1.0]), "W_m"),
+                       (lambda A: g.theory_losses(A, np.ones((1, 1)), [1.0]), "W_p"),
+                       (lambda A: g.theory_losses(np.ones((1, 1)), A, [1.0]), "W_m"),
+                       (lambda A: g.fit_theory_sae(np.ones((1, 1)), np.ones((2, 1)), 1, init=A), "init"),
+                       (lambda A: g.fit_theory_sae(A, np.ones((2, 1)), 1), "W_p")):
+        with pytest.raises(ValueError, match=rf"^{name} must be a 2-D matrix"):
+            call(np.ones(3))
+        with pytest.raises(ValueError, match=rf"^{name} must have finite entries"):
+            call(np.full((1, 1), np.nan))
 
 
 def test_rotate_rows_against_rotation_matrices():
