@@ -488,22 +488,26 @@ def test_fit_theory_sae_is_stationary_and_reports_its_loss():
             E[idx] = h
             grad[idx] = (mean(fit.W_m + E) - mean(fit.W_m - E)) / (2 * h)
         assert np.abs(grad).max() < 1e-4  # L-BFGS stops at <= 2e-5; the start has 5e-2, one step 3e-2
-    # closed_form with spare latents starts at W_pᵀ plus rows of norm ~0.01: captured at the start.
+    # The starting points, captured as passed to the optimiser (one step only): closed_form is W_pᵀ
+    # over spare rows with entries of standard deviation 0.01; random has rows of mean squared norm 1.
+    import unittest.mock
+
     import scipy.optimize
 
     seen = {}
     real = scipy.optimize.minimize
 
     def spy(fun, x0, **kw):
-        seen["x0"] = x0.reshape(5, 2)
-        return real(fun, x0, **kw)
-
-    import unittest.mock
+        seen["x0"] = x0.copy()
+        return real(fun, x0, **{**kw, "options": {"maxiter": 1}})
 
     with unittest.mock.patch.object(scipy.optimize, "minimize", spy):
-        g.fit_theory_sae(W_p, x, 5, seed=3)
-    np.testing.assert_array_equal(seen["x0"][:3], W_p.T)
-    assert 1e-3 < np.abs(seen["x0"][3:]).max() < 0.05
+        g.fit_theory_sae(W_p, x, 403, seed=3)
+        start = seen["x0"].reshape(403, 2)
+        np.testing.assert_array_equal(start[:3], W_p.T)
+        assert start[3:].std() == pytest.approx(0.01, rel=0.1) and abs(start[3:].mean()) < 0.002
+        g.fit_theory_sae(W_p, x, 400, init="random", seed=3)
+        assert (seen["x0"].reshape(400, 2) ** 2).sum(1).mean() == pytest.approx(1.0, rel=0.1)
     # unit_norm: rows of norm 1 and stationary along the sphere (the tangent gradient vanishes).
     fit = g.fit_theory_sae(W_p, x, 3, unit_norm=True, init="random", seed=2)
     np.testing.assert_allclose(np.linalg.norm(fit.W_m, axis=1), 1.0, atol=1e-12)
@@ -513,6 +517,12 @@ def test_fit_theory_sae_is_stationary_and_reports_its_loss():
         f = lambda s: g.theory_losses(W_p, np.vstack([fit.W_m[:i], [(fit.W_m[i] + s * t) / np.linalg.norm(
             fit.W_m[i] + s * t)], fit.W_m[i + 1:]]), x).sae.mean()
         assert abs((f(1e-5) - f(-1e-5)) / 2e-5) < 1e-4
+    # n_m = 1: one latent; from W_pᵀ's first row the best single tied latent is a local optimum
+    one = g.fit_theory_sae(W_p, x, 1)
+    assert one.W_m.shape == (1, 2) and one.loss == pytest.approx(g.theory_losses(W_p, one.W_m, x).sae.mean())
+    # the default seed is 0 (the documented signature): a random start is reproducible without one
+    np.testing.assert_array_equal(g.fit_theory_sae(W_p, x, 3, init="random", maxiter=1).W_m,
+                                  g.fit_theory_sae(W_p, x, 3, init="random", seed=0, maxiter=1).W_m)
     for bad in (True, 2.0):
         with pytest.raises(ValueError, match="n_m"):
             g.fit_theory_sae(W_p, x, bad)
