@@ -399,6 +399,9 @@ def test_match_rows_against_brute_force_and_full_precision():
         g.match_rows(np.ones((3, 2)), np.ones((2, 3)))
     with pytest.raises(ValueError, match="at least as many rows"):
         g.match_rows(np.ones((1, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match="at least as many rows"):
+        g.match_rows(np.ones((2, 1)), np.ones((3, 1)))
+    np.testing.assert_array_equal(g.match_rows(np.eye(2, 3), np.eye(2, 3)[::-1]), [1, 0])  # rows longer than many
     with pytest.raises(ValueError, match="vector or a matrix"):
         g.match_rows(np.ones((2, 2, 2)), np.ones((2, 2)))
 
@@ -517,6 +520,16 @@ def test_fit_theory_sae_is_stationary_and_reports_its_loss():
         f = lambda s: g.theory_losses(W_p, np.vstack([fit.W_m[:i], [(fit.W_m[i] + s * t) / np.linalg.norm(
             fit.W_m[i] + s * t)], fit.W_m[i + 1:]]), x).sae.mean()
         assert abs((f(1e-5) - f(-1e-5)) / 2e-5) < 1e-4
+    # The minimiser does not depend on the data's overall scale (the loss scales by s²): a fit on
+    # 1e-3 x, whose gradients are 1e6 times smaller, still moves the rows to ~1.064 (a stopping
+    # rule on the gradient's absolute size would stop at the start, rows of norm 1).
+    x3 = np.random.default_rng(0).uniform(size=(2000, 3))
+    big, small = g.fit_theory_sae(W_p, x3, 3), g.fit_theory_sae(W_p, 1e-3 * x3, 3)
+    np.testing.assert_allclose(np.linalg.norm(small.W_m, axis=1), np.linalg.norm(big.W_m, axis=1), atol=0.01)
+    assert np.all(np.linalg.norm(small.W_m, axis=1) > 1.04)
+    # maxiter is honoured: one iteration does not converge
+    short = g.fit_theory_sae(W_p, x3, 3, maxiter=1)
+    assert not short.success and short.loss > big.loss
     # n_m = 1: one latent; from W_pᵀ's first row the best single tied latent is a local optimum
     one = g.fit_theory_sae(W_p, x, 1)
     assert one.W_m.shape == (1, 2) and one.loss == pytest.approx(g.theory_losses(W_p, one.W_m, x).sae.mean())
@@ -562,6 +575,11 @@ def test_bad_matrices_are_named_in_the_error():
             call(np.ones(3))
         with pytest.raises(ValueError, match=rf"^{name} must have finite entries"):
             call(np.full((1, 1), np.nan))
+    for call in (g.equivalent, g.match_rows):
+        with pytest.raises(ValueError, match=r"^A must be a vector or a matrix"):
+            call(np.ones((2, 2, 2)), [1.0])
+        with pytest.raises(ValueError, match=r"^B must be a vector or a matrix"):
+            call([1.0], np.ones((2, 2, 2)))
 
 
 def test_rotate_rows_against_rotation_matrices():
