@@ -412,6 +412,10 @@ def test_equivalent_tolerance_boundaries():
     assert g.equivalent([0.5, 0.25], [0.5], atol=0.25) and not g.equivalent([0.5, 0.25], [0.5], atol=0.2)
     assert g.equivalent(np.zeros((2, 0)), np.zeros((1, 0)))  # nothing to compare
     assert not g.equivalent(np.ones((3, 2)), np.ones((2, 3)))  # rows of different length
+    # active-set patterns (booleans) compare as 0/1: the support of x_m against that of x
+    assert g.equivalent(np.array([False, True, False]), np.array([True]))
+    assert not g.equivalent(np.array([True, True, False]), np.array([True]))
+    np.testing.assert_array_equal(g.match_rows(np.array([False, True]), np.array([True])), [1])
     # 1e-7 apart, one near-tie: the full-precision match must pair them right for atol = 1e-9.
     A = np.array([[1.0, 0.0], [1.0 + 1e-7, 0.0], [0.0, 0.0]])
     assert g.equivalent(A, A[[1, 0]])
