@@ -322,6 +322,9 @@ def test_random_nonpositive_superposition_structure():
             assert np.degrees(np.arccos(off[[0, 1, 3]])).sum() == pytest.approx(360.0)
             kinds.add("triangle")
     assert kinds == {"digon", "triangle"}
+    for args, name in (((0, 1), "n"), ((1, 0), "n_p"), ((2.0, 1), "n"), ((2, 1.0), "n_p"), ((-1, -1), "n")):
+        with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got"):
+            g.random_nonpositive_superposition(*args)
     for args in ((True, 1), (2, True), (np.int64(2), np.int64(1))):
         if isinstance(args[0], np.integer):
             assert g.random_nonpositive_superposition(*args, seed=0).shape == (1, 2)
@@ -379,6 +382,8 @@ def test_stable_assignment_against_brute_force():
         C = np.array([[1.0, 1.0 - eps], [1.0 - eps, 1.0]])
         np.testing.assert_array_equal(g.stable_assignment(C)[1], expected)
     np.testing.assert_array_equal(g.stable_assignment(np.zeros((2, 2)))[1], [0, 1])  # no 0/0
+    assert g.stable_assignment(np.zeros((0, 3)))[1].size == 0  # nothing to assign
+    assert g.match_rows(np.ones((2, 3)), np.zeros((0, 3))).shape == (0,)
     with pytest.raises(ValueError, match="2-D"):
         g.stable_assignment(np.zeros(3))
 
