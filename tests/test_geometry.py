@@ -283,6 +283,9 @@ def test_interference_against_pairwise_products():
             assert G[i, j] == pytest.approx(0.0 if i == j else float(W[:, i] @ W[:, j]), abs=1e-14)
     with pytest.raises(ValueError, match="finite"):
         g.interference(np.array([[1.0, np.inf]]))
+    # a 0/1 incidence matrix given as booleans is read as numbers (products are counts, not "or")
+    B = np.array([[True, True, False], [True, True, True]])
+    np.testing.assert_array_equal(g.interference(B), [[0.0, 2.0, 1.0], [2.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
 
 
 def test_has_nonpositive_interference_boundaries():
@@ -443,6 +446,10 @@ def test_frobenius_optimal_gamma_against_direct_nnls():
         f = lambda t: np.linalg.norm(W.T @ np.diag(t) @ W - np.eye(n))
         assert f(gam**2) == pytest.approx(f(g2), abs=1e-9)
     np.testing.assert_array_equal(g.frobenius_optimal_gamma(np.zeros((2, 3))), [0.0, 0.0])
+    assert g.frobenius_optimal_gamma(np.zeros((0, 3))).shape == (0,)
+    # W_p -> s W_p gives gamma -> gamma / s (W_pᵀΓ²W_p is unchanged), down to tiny s whose H = O(s⁴)
+    for W in cases[:3]:
+        np.testing.assert_allclose(g.frobenius_optimal_gamma(1e-4 * W), 1e4 * g.frobenius_optimal_gamma(W), rtol=1e-6)
     # A third dimension that mixes two orthogonal features only adds interference: its weight is 0.
     np.testing.assert_allclose(g.frobenius_optimal_gamma(cases[-1]) ** 2, [1.0, 1.0, 0.0], atol=1e-12)
 
