@@ -1,0 +1,56 @@
+"""Values of small wsae_core.models helpers against independent float64 computations (written to
+kill mutation survivors: see CONTRIBUTING.md, "Mutation testing")."""
+
+import numpy as np
+import pytest
+import torch
+
+from wsae_core import models
+from wsae_core.models import SAEConfig
+
+
+def test_auxk_factor_against_its_definition():
+    """``c = dead_scale * var_Γ(x) / var_Γ(e)`` with Γ-weighted sums of squared deviations, also when
+    the residual's variance is far below 1 (late in training) and when it is exactly 0."""
+    rng = np.random.default_rng(0)
+    x, w2 = rng.standard_normal((16, 5)), rng.uniform(0.5, 2.0, 5)
+    for scale in (3.0, 1e-3):
+        e = scale * rng.standard_normal((16, 5))
+        var = lambda a: float(((a - a.mean(0)) ** 2 * w2).sum())
+        got = models._auxk_factor(*(torch.tensor(a) for a in (x, e, w2)), 0.25)
+        assert got == pytest.approx(0.25 * var(x) / var(e), rel=1e-12)
+    zero = models._auxk_factor(torch.tensor(x), torch.ones(16, 5, dtype=torch.float64), torch.tensor(w2), 1.0)
+    assert zero == pytest.approx(var(x) / 1e-30, rel=1e-12)  # a constant residual: finite, not inf
+
+
+@pytest.mark.parametrize("kk", [1, 2, 5])
+def test_rows_dot_against_a_loop(kk):
+    g = torch.Generator().manual_seed(kk)
+    W, G = torch.randn(7, 4, generator=g), torch.randn(3, 4, generator=g)
+    idx = torch.stack([torch.randperm(7, generator=g)[:kk] for _ in range(3)])
+    out = models._rows_dot(W, idx, G)
+    assert out.shape == (3, kk)
+    for b in range(3):
+        for j in range(kk):
+            assert float(out[b, j]) == pytest.approx(float(W[idx[b, j]].double() @ G[b].double()), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind,kw", [("relu", {}), ("topk", {"k": 2})])
+def test_practical_decode_and_encode_values(kind, kw):
+    m = models.PracticalSAE(SAEConfig(n_p=4, n_m=6, kind=kind, seed=3, **kw))
+    with torch.no_grad():
+        m.b_dec.copy_(torch.tensor([0.5, -1.0, 0.25, 2.0]))
+        m.b_enc.copy_(torch.linspace(-0.2, 0.3, 6))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    W_enc, b_enc = m.W_enc.detach().double().numpy(), m.b_enc.detach().double().numpy()
+    W_dec, b_dec = m.W_dec.detach().double().numpy(), m.b_dec.detach().double().numpy()
+    pre = (x.double().numpy() - b_dec) @ W_enc.T + b_enc
+    lat = np.maximum(pre, 0)
+    if kind == "topk":  # keep each row's 2 largest pre-activations (then the ReLU)
+        lat = np.where(pre >= np.sort(pre, axis=1)[:, -2:-1], lat, 0.0)
+    enc = m.encode(x)
+    np.testing.assert_allclose(enc.detach().double().numpy(), lat, atol=1e-5)
+    lat_t = torch.tensor(lat, dtype=torch.float32)
+    np.testing.assert_allclose(m.decode(lat_t).detach().double().numpy(), lat @ W_dec + b_dec, atol=1e-5)
+    out = m(x)
+    np.testing.assert_allclose(out.reconstruction.detach().double().numpy(), lat @ W_dec + b_dec, atol=1e-5)
