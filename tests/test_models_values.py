@@ -54,3 +54,12 @@ def test_practical_decode_and_encode_values(kind, kw):
     np.testing.assert_allclose(m.decode(lat_t).detach().double().numpy(), lat @ W_dec + b_dec, atol=1e-5)
     out = m(x)
     np.testing.assert_allclose(out.reconstruction.detach().double().numpy(), lat @ W_dec + b_dec, atol=1e-5)
+
+
+def test_stable_argsort_keeps_the_order_of_ties():
+    """Python's sorted is stable: equal keys keep their positions' order (the Top-k backward relies
+    on it for a fixed summation order). 5,000 keys with 7 values: many long runs of ties, beyond
+    the short runs that an unstable sort would also leave in order."""
+    keys = torch.randint(0, 7, (5000,), generator=torch.Generator().manual_seed(5))
+    ref = sorted(range(5000), key=lambda i: int(keys[i]))
+    assert models._stable_argsort(keys).tolist() == ref
