@@ -63,3 +63,30 @@ def test_stable_argsort_keeps_the_order_of_ties():
     keys = torch.randint(0, 7, (5000,), generator=torch.Generator().manual_seed(5))
     ref = sorted(range(5000), key=lambda i: int(keys[i]))
     assert models._stable_argsort(keys).tolist() == ref
+
+
+@pytest.mark.parametrize("kind,kw", [("relu", {"l1_coeff": 0.3}), ("topk", {"k": 2})])
+def test_fused_backward_against_autograd_for_scaled_losses_and_frozen_weights(kind, kw):
+    """The hand-written backward against autograd through the unfused path (``fused=False``), for
+    a loss that weights the reconstruction and sparsity terms by 2.5 and 0.7 (upstream gradients
+    other than 1), and for the input's gradient alone, the weights frozen."""
+    cfg = SAEConfig(n_p=5, n_m=12, kind=kind, seed=6, **kw)
+    fused, plain = models.PracticalSAE(cfg), models.PracticalSAE(cfg, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.b_dec.copy_(torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5]))
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(7))
+    gamma = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.8])
+
+    def grads(m, wrt):
+        xx = x.clone().requires_grad_(True)
+        out = m(xx, gamma)
+        loss = 2.5 * out.recon_loss + 0.7 * out.sparsity_loss
+        return torch.autograd.grad(loss, [xx] + wrt)
+
+    for a, b in zip(grads(fused, list(fused.parameters())), grads(plain, list(plain.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for m in (fused, plain):
+        m.requires_grad_(False)
+    torch.testing.assert_close(grads(fused, [])[0], grads(plain, [])[0], atol=1e-5, rtol=1e-4)
