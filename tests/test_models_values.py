@@ -90,3 +90,19 @@ def test_fused_backward_against_autograd_for_scaled_losses_and_frozen_weights(ki
     for m in (fused, plain):
         m.requires_grad_(False)
     torch.testing.assert_close(grads(fused, [])[0], grads(plain, [])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_auxk_k_aux_default_and_smallest():
+    """``k_aux`` defaults to ``n_p // 2`` (the docstring), and ``k_aux = 1`` still trains the dead
+    latents: one per sample gives a positive AuxK loss."""
+    m = models.PracticalSAE(SAEConfig(n_p=6, n_m=16, kind="topk", k=2, seed=8))
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(9))
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[4:] = True
+    for fused in (True, False):
+        m.fused = fused
+        with torch.no_grad():
+            default = float(m(x, dead_mask=dead).auxk_loss)
+            assert default == pytest.approx(float(m(x, dead_mask=dead, k_aux=3).auxk_loss), rel=1e-6)
+            assert default != pytest.approx(float(m(x, dead_mask=dead, k_aux=2).auxk_loss), rel=1e-3)
+            assert float(m(x, dead_mask=dead, k_aux=1).auxk_loss) > 0
