@@ -511,6 +511,10 @@ GATES: dict[str, tuple[float, float]] = {"token": (0.90, 1.0), "topic": (0.75, 1
 #: Seeds of the calibration the book commits: the gates are judged on their latents pooled (each
 #: seed: its own corpus sample, tokens, activation values, explanations and scoring contexts).
 GATE_SEEDS = (0, 1, 2)
+#: Seeds never used while the scorers and the baseline explainer were developed (on :data:`GATE_SEEDS`):
+#: the gates are measured on them once, as committed, and a scorer is used for Table 1 only when it
+#: passes on both sets (:func:`table_scorers`).
+FRESH_SEEDS = (200, 201, 202)
 SCORERS = ("surprisal", "embedding")
 EXPLAINERS = ("baseline", "smollm2")
 
@@ -593,15 +597,19 @@ class Scoring:
     ``explainers``: names from :data:`EXPLAINERS` (``"baseline"``: :class:`wsae_core.interp.BaselineExplainer`
     on the run's corpus sample; ``"smollm2"``: the chat model's explanation through the cached
     client). ``scorers``: names from :data:`SCORERS`. ``allow_miss=False``: replay the cache only
-    (raises :class:`wsae_core.interp.CacheMiss` instead of running a model).
+    (raises :class:`wsae_core.interp.CacheMiss` instead of running a model). ``baseline_options`` and
+    ``embedding_options``: keyword arguments of :class:`wsae_core.interp.BaselineExplainer` and
+    :class:`wsae_core.interp.EmbeddingScorer` (e.g. their first versions, to replay old results).
     """
 
     def __init__(self, explainers=EXPLAINERS, scorers=SCORERS, *, cache_dir: str | Path | None = None,
-                 allow_miss: bool = True, device: str = "cpu"):
+                 allow_miss: bool = True, device: str = "cpu", baseline_options: dict | None = None,
+                 embedding_options: dict | None = None):
         bad = [e for e in explainers if e not in EXPLAINERS] + [s for s in scorers if s not in SCORERS]
         if bad:
             raise ValueError(f"explainers must be among {EXPLAINERS} and scorers among {SCORERS}, got {bad}")
         self.explainers, self.scorer_names = tuple(explainers), tuple(scorers)
+        self.baseline_options = dict(baseline_options or {})
         self.client = make_client("hf", device=device, cache_dir=cache_dir, allow_miss=allow_miss)
         inner = self.client.inner
         self.scorers: dict[str, Any] = {}
@@ -611,9 +619,13 @@ class Scoring:
             surprisal.store = I.scorer_store(surprisal.identity, cache_dir, allow_miss=allow_miss)
             self.scorers["surprisal"] = surprisal
         if "embedding" in scorers:
-            emb = I.EmbeddingScorer()
+            emb = I.EmbeddingScorer(**(embedding_options or {}))
             emb.store = I.scorer_store(emb.identity, cache_dir, allow_miss=allow_miss)
             self.scorers["embedding"] = emb
+
+    def baseline(self, tokens: np.ndarray, vocab: list[str], labels: np.ndarray, label_names: list[str]) -> I.BaselineExplainer:
+        """The baseline explainer of a corpus sample (``tokens``, ``labels`` ``(n_contexts, context_len)``)."""
+        return I.BaselineExplainer(tokens, vocab, labels=labels, label_names=label_names, **self.baseline_options)
 
     def explain(self, name: str, ex: I.LatentExamples, vocab: list[str], baseline: I.BaselineExplainer) -> str:
         return baseline(ex) if name == "baseline" else I.explain(self.client, ex, vocab)
@@ -657,7 +669,7 @@ def run_scorer_calibration(spec: PlantedSpec | None = None, scoring: Scoring | N
     t0 = time.perf_counter()
     ctx, vocab = _corpus_sample(spec)
     latents = draw_planted(ctx.tokens, ctx.doc_ids, ctx.labels, ctx.label_names, vocab, spec)
-    baseline = I.BaselineExplainer(ctx.tokens, vocab, labels=ctx.labels, label_names=ctx.label_names)
+    baseline = scoring.baseline(ctx.tokens, vocab, ctx.labels, ctx.label_names)
     cfg = I.SelectionConfig(**spec.selection)
     records = []
     for name, (kind, acts) in latents.items():
@@ -670,7 +682,7 @@ def run_scorer_calibration(spec: PlantedSpec | None = None, scoring: Scoring | N
                                              for e in scoring.explainers), flush=True)
     return {"spec": asdict(spec), "explainers": list(scoring.explainers), "scorers": list(scoring.scorers),
             "identities": {n: s.identity for n, s in scoring.scorers.items()} | {"smollm2": scoring.client.identity,
-                                                                                "baseline": I.BaselineExplainer.identity},
+                                                                                "baseline": baseline.identity},
             "records": records, "seconds": round(time.perf_counter() - t0, 1), "cache": scoring.stats()}
 
 
@@ -717,6 +729,13 @@ def control_ci(calibration: dict, scorer: str, explainer: str = "baseline", kind
 def passed_scorers(calibration: dict) -> list[str]:
     """The scorers whose baseline-explainer calibration is inside every gate: the only ones tabled."""
     return [s for s, r in gate_report(calibration).items() if r["passed"]]
+
+
+def table_scorers(*calibrations: dict) -> list[str]:
+    """The scorers inside every gate in every one of ``calibrations`` (the development seeds' and the
+    fresh seeds', each pooled): the only ones used for Table 1."""
+    passed = [set(passed_scorers(c)) for c in calibrations]
+    return [s for s in calibrations[0]["scorers"] if all(s in p for p in passed)]
 
 
 def gates_markdown(calibration: dict) -> str:
@@ -776,9 +795,11 @@ RESIDUAL = "residual stream, top-k (control)"
 def entries_from_lm_results(results: dict, *, layers=None, methods=None, residual_control: bool = True,
                             cache_root: str | Path | None = None) -> list[SAEEntry]:
     """The entries of a layer sweep of :mod:`wsae_core.experiments.lm` (its results dict): every
-    (layer, method) record with a saved SAE, plus the residual control per layer, all on the sweep's
-    training contexts. ``cache_root`` re-roots the saved SAE and activation folders (a sweep whose
-    cache root was elsewhere, e.g. the committed results of another machine)."""
+    (layer, method) record with a saved SAE, plus the controls, all on the sweep's training contexts:
+    the residual control per layer, and the untrained SAE per (layer, seed) where the sweep has no
+    such cell (its initialisation, rebuilt from a trained cell's configuration). ``cache_root``
+    re-roots the saved SAE and activation folders (a sweep whose cache root was elsewhere, e.g. the
+    committed results of another machine)."""
     from .lm import CONTROL, METHODS
 
     spec = results["spec"]
@@ -802,6 +823,12 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
         alpha = r.get("alpha", alphas.get(r["method"]))
         rule = r.get("rule") or ("untrained" if r["method"] == CONTROL else "uniform" if not alpha else "variance")
         out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec.get("seed")), str(path), src, spec["k"]))
+    if methods is None or CONTROL in methods:
+        have = {(e.layer, e.seed) for e in out if e.rule == "untrained"}
+        for e in [e for e in out if e.rule != "untrained"]:
+            if (e.layer, e.seed) not in have:
+                have.add((e.layer, e.seed))
+                out.append(SAEEntry(CONTROL, e.layer, "untrained", None, e.seed, e.path, src, spec["k"]))
     if residual_control:
         for layer in sorted({e.layer for e in out} or set(spec["layers"])):
             out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec.get("seed", (spec.get("seeds") or [0])[0]), None, src, spec["k"]))
@@ -865,7 +892,14 @@ def entry_codes(entry: SAEEntry):
         n = 2 * x.shape[1]
     else:
         meta = json.loads((Path(entry.path) / "cfg.json").read_text())
-        sae = load_sae(entry.path).eval()
+        if entry.rule == "untrained":
+            # The control is its initialisation, never trained: rebuilt from the saved configuration
+            # (width, k, seed) of the control itself or of a trained cell of the same layer and seed.
+            from ..models import SAEConfig, build_sae
+
+            sae = build_sae(SAEConfig(**meta["sae"])).eval()
+        else:
+            sae = load_sae(entry.path).eval()
         idx, val = _codes(sae, x / float(meta.get("scale", 1.0)), torch.device("cpu"))
         n = sae.cfg.n_m
     return idx, val, n, cache.tokens[ctx], cache.doc_ids[ctx], cache.labels[ctx]
@@ -893,7 +927,7 @@ def score_entry(entry: SAEEntry, spec: ScoreSpec, scoring: Scoring, *, verbose: 
     order = np.random.default_rng([spec.seed, entry.layer]).permutation(live)
     meta = _source_meta(entry)
     vocab = _vocab(meta["key"]["model"])
-    baseline = I.BaselineExplainer(tokens, vocab, labels=labels, label_names=meta["label_names"])
+    baseline = scoring.baseline(tokens, vocab, labels, meta["label_names"])
     cfg = I.SelectionConfig(**spec.selection)
     records, tried = [], 0
     for j in order:
