@@ -458,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "sweep: the cache root of the language-model sweep (default: $WSAE_CACHE_DIR)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
     parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
+    parser.add_argument("--sae-seeds", type=int, nargs="+", default=None, help="score: only the SAEs of these seeds")
     parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
     parser.add_argument("--scorers", default="surprisal,embedding", help="gates/score: comma-separated, from surprisal,embedding")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
@@ -1064,6 +1065,8 @@ def _main_scorers(args, profile: Profile) -> int:
 
         entries = entries_from_sweep(args.sweep or lm_results_path(profile), layers=args.layers, methods=args.methods,
                                      cache_root=args.cache_root)
+    if args.sae_seeds is not None:
+        entries = [e for e in entries if e.seed in args.sae_seeds]
     spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
     path = folder / scores_file(profile, scorers)
     res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
