@@ -16,7 +16,7 @@ TEST_BUILD := _build/test
 # Numeric unit tests re-run by `make test` on torch's portable kernels (no SIMD) with one thread: a
 # check that holds on every CPU type must hold there too (see CONTRIBUTING.md, "Portable checks").
 PORTABLE_TESTS := tests/test_metrics.py tests/test_geometry.py tests/test_symbolic.py tests/test_data.py \
-	tests/test_weights.py tests/test_models.py tests/test_train.py tests/test_gradients.py tests/test_values.py
+	tests/test_weights.py tests/test_models.py tests/test_train.py tests/test_gradients.py tests/test_values.py tests/test_models_values.py
 
 # Offline by construction: no model hub, quiet progress bars, stable notebook output.
 export HF_HUB_OFFLINE := 1

@@ -105,7 +105,7 @@ def test_fused_relu_backward_matches_finite_differences(l1):
         _fd_check(f, params, lambda: _pattern(m, x), grads)
     # the L1 term is l1 * E sum_j a_j, its gradient included
     out = m(x, gamma)
-    assert float(out.sparsity_loss) == pytest.approx(l1 * float(out.latents.sum()) / 6, rel=1e-6)
+    assert float(out.sparsity_loss.detach()) == pytest.approx(l1 * float(out.latents.detach().sum()) / 6, rel=1e-6)
 
 
 # (n_m, k): 16 k >= n_m takes the dense backward, 16 k < n_m the sparse one
@@ -178,7 +178,7 @@ def test_fused_auxk_value_and_backward(n_m, k):
     c = min(int(dead.sum()) / k_aux, 1.0) * var(x64) / var(e)
     p64 = [p.detach().double().clone().requires_grad_() for p in params]
     ref = _auxk_reference(p64, x64, g64, dead, k, k_aux, e, c)
-    assert float(out.auxk_loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(out.auxk_loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
 
     # float64 central differences of the frozen-target formula
     ref_grads = torch.autograd.grad(ref, p64)
@@ -213,7 +213,7 @@ def test_theory_sae_gradient_is_that_of_the_tied_loss():
     (g,) = torch.autograd.grad(out.loss, [m.W_m])
     W64 = m.W_m.detach().double().clone().requires_grad_()
     x64, g64 = x_p.double(), gamma.double()
-    assert float(out.loss) == pytest.approx(float(_theory_loss(W64, x64, g64)), rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(_theory_loss(W64, x64, g64).detach()), rel=1e-6)
     # the written-out loss, float64 central differences (gradcheck), then the model's float32 gradient
     assert torch.autograd.gradcheck(lambda W: _theory_loss(W, x64, g64), (W64,), eps=1e-6, atol=1e-7)
     fd = torch.zeros_like(W64)
