@@ -177,3 +177,50 @@ def test_ddp_auxk_loss_and_gradient_are_the_global_batchs(tmp_path):
         assert whole[0] > 0
         torch.testing.assert_close(res[fused, True], whole, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(res[fused, False], whole, rtol=1e-2, atol=1e-4)  # the slices' own normalisers
+
+
+class _NaNOnRank1:
+    """A source whose 4th global batch has a NaN in rank 1's half only (rows [batch, 2 batch))."""
+
+    def __init__(self, source, batch: int):
+        self.source, self.batch, self.calls, self.n_p = source, batch, 0, source.n_p
+
+    def sample(self, n: int, generator=None):
+        x = self.source.sample(n, generator)
+        self.calls += 1
+        if self.calls == 4:
+            x[self.batch + 1, 2] = float("nan")
+        return x
+
+
+def _nan_worker(rank: int, world: int, port: int, out: str, batch: int):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from wsae_core.checks import NonFiniteError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # A short timeout: a rank left waiting in a collective fails the test in seconds, not half an hour.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    try:
+        sae, src, gamma = _ddp_problem()
+        try:
+            D.train_ddp(sae, _NaNOnRank1(src, batch), _ddp_cfg(10, batch), gamma=gamma)
+            message = "finished"
+        except NonFiniteError as e:
+            message = str(e)
+        Path(f"{out}.{rank}").write_text(message)
+    finally:
+        D.finish()
+
+
+def test_ddp_nonfinite_batch_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN in one rank's slice stops both ranks at the same step (none hangs in the gradient all-reduce)."""
+    batch = 32
+    mp.spawn(_nan_worker, args=(2, _free_port(), str(tmp_path / "msg"), batch), nprocs=2, join=True)
+    m0, m1 = (tmp_path / "msg.0").read_text(), (tmp_path / "msg.1").read_text()
+    # The 4th batch is drawn at step 2 (the first is b_dec's starting mean).
+    assert m1.startswith("step 2: the batch from the data source") and "row 1, column 2" in m1, m1
+    assert m0.startswith("step 2: another process of the group stopped"), m0

@@ -138,7 +138,10 @@ def train_ddp(sae: torch.nn.Module, source: Any, cfg: Any, gamma: Any = None) ->
     not by those of the rank's slice. The constant that normalisation makes is the same on every
     rank, so the averaged AuxK gradient is the global batch's too. The reconstruction and L1 terms
     are plain per-sample means and need nothing. ``history`` records what each rank saw on its
-    slice (loss, FVU against the slice's variance, L0): logged, not trained on.
+    slice (loss, FVU against the slice's variance, L0): logged, not trained on. A non-finite batch or
+    loss, or a diverging loss, on one rank stops every rank at the same step with
+    :class:`~wsae_core.checks.NonFiniteError` (one all-reduced flag per check), so none is left
+    waiting in a collective until the group's timeout.
     """
     from dataclasses import replace
 
@@ -171,6 +174,13 @@ class _SyncedTrainer(Trainer):
             return super().fit(until)
         finally:
             sae.sync_batch_stats = False
+
+    def _stop_everywhere(self, stop: bool) -> bool:
+        if not _active():
+            return stop
+        flag = torch.tensor([float(stop)], device=self.device)  # one number: NCCL needs it on the GPU
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _track_dead(self, out) -> None:
         if not _active():

@@ -447,7 +447,7 @@ class Trainer:
                 x_p = self.data.sample(cfg.batch_size, self.generator).to(self.device, non_blocking=True)
                 if self.autocast_dtype is None:
                     x_p = x_p.float()  # a bf16 data source under fp32 training
-                if nonfinite_location(x_p) is not None:
+                if self._stop_everywhere(nonfinite_location(x_p) is not None):
                     raise self._nonfinite(None, x_p)
                 if self.step == 0 and cfg.b_dec_init == "mean":
                     with torch.no_grad():
@@ -458,14 +458,17 @@ class Trainer:
                     out = model(x_p, self.gamma, **aux)
                 total = out.loss + cfg.auxk_coeff * out.auxk_loss if aux else out.loss
                 loss = float(total.detach())
+                reason = None
                 if not math.isfinite(loss):
-                    raise self._nonfinite(f"the loss is {loss}", x_p)
-                if not first:  # the yardstick: the larger of the first loss and that of predicting 0
+                    reason = f"the loss is {loss}"
+                elif not first:  # the yardstick: the larger of the first loss and that of predicting 0
                     w2 = 1.0 if self.gamma is None else self.gamma.pow(2)
                     first = max(loss, float((x_p.detach().float().pow(2) * w2).sum(1).mean()))
                 elif loss > _DIVERGED * first:
-                    raise self._nonfinite(f"the loss is {loss:.4g}, {loss / first:.3g} times its scale {first:.4g} at "
-                                          f"step {start}", x_p)
+                    reason = (f"the loss is {loss:.4g}, {loss / first:.3g} times its scale {first:.4g} at "
+                              f"step {start}")
+                if self._stop_everywhere(reason is not None):
+                    raise self._nonfinite(reason, x_p)
                 total.backward()
                 for name, p in named:  # a NaN/Inf anywhere in a gradient makes its sum non-finite
                     if p.grad is not None and not math.isfinite(float(p.grad.sum())):
@@ -498,12 +501,19 @@ class Trainer:
         if loc is not None:
             what = (f"the batch from the data source ({type(self.data).__name__}) has {loc[1]} at row {loc[0][0]}, "
                     f"column {loc[0][1]}")
+        elif what is None:
+            what = "another process of the group stopped (its batch or loss was not finite, or diverged)"
         else:
             what += f" (the batch is finite: the run diverged or overflowed; lower lr, now {self.cfg.lr:g})"
         last = getattr(self, "_checkpoint_step", None)
         kept = (f"; the last checkpoint (step {last}, in {self.cfg.checkpoint_dir}) is intact" if last is not None
                 else "; no checkpoint was written")
         return NonFiniteError(f"step {self.step}: {what}; training stopped with the weights of step {self.step}{kept}")
+
+    def _stop_everywhere(self, stop: bool) -> bool:
+        """Whether training stops at this step: ``stop`` here. A data-parallel trainer makes it true on
+        every process when it is true on one, so that no process is left waiting in a collective."""
+        return stop
 
     def dead_mask(self) -> torch.Tensor:
         """``(n_m,)`` bool: latents that have not fired for ``dead_steps`` steps (AuxK's dead latents)."""
