@@ -372,17 +372,16 @@ def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float, sync: bool
     group (data-parallel training): both variances are then those of the global batch, so every
     rank uses the constant that one process with the whole batch uses.
     """
-    if not sync:
-        var_x = ((x - x.mean(0)).pow(2).sum(0) * w2).sum()
-        var_e = ((e - e.mean(0)).pow(2).sum(0) * w2).sum().clamp_min(1e-30)
-        return dead_scale * float(var_x / var_e)
-    # Global means first, then squares about them: sum(x²) - N·mean² would cancel catastrophically.
-    n_p = x.shape[1]
-    sums = torch.cat([x.sum(0), e.sum(0), x.new_full((1,), x.shape[0])])
-    dist.all_reduce(sums)
-    mean_x, mean_e = sums[:n_p] / sums[-1], sums[n_p:-1] / sums[-1]
+    if sync:  # global means first, then squares about them: sum(x²) - N·mean² would cancel catastrophically
+        n_p = x.shape[1]
+        sums = torch.cat([x.sum(0), e.sum(0), x.new_full((1,), x.shape[0])])
+        dist.all_reduce(sums)
+        mean_x, mean_e = sums[:n_p] / sums[-1], sums[n_p:-1] / sums[-1]
+    else:
+        mean_x, mean_e = x.mean(0), e.mean(0)
     sq = torch.stack([((x - mean_x).pow(2).sum(0) * w2).sum(), ((e - mean_e).pow(2).sum(0) * w2).sum()])
-    dist.all_reduce(sq)
+    if sync:
+        dist.all_reduce(sq)
     return dead_scale * float(sq[0] / sq[1].clamp_min(1e-30))
 
 
