@@ -477,3 +477,30 @@ def test_a_sweep_without_a_control_cell_gets_the_untrained_control(ci_sweep):
     for a, b in zip(E.entry_codes(saved)[:2], E.entry_codes(rebuilt[1])[:2]):
         np.testing.assert_array_equal(a, b)
     assert [e.label for e in E.entries_from_lm_results(trained_only, methods=["SAE"])] == ["SAE", E.RESIDUAL]
+
+
+def test_explainer_difference_is_paired_by_seed_and_latent():
+    from scipy import stats
+
+    from wsae_core.experiments import interp as E
+
+    def run(seed, explainer, values):
+        recs = [{"kind": k, "latent": f"{k} {i}", f"embedding_{explainer}": v} for i, (k, v) in enumerate(values)]
+        return {"spec": {"seed": seed}, "explainers": [explainer], "scorers": ["embedding"], "records": recs, "seconds": 0}
+
+    base = [("token", 0.9), ("token", 0.8), ("random", 0.5), ("random", 0.4)]
+    smol = [("token", 0.6), ("token", 0.7), ("random", 0.55), ("random", 0.4)]
+    one = E.explainer_difference(run(0, "smollm2", smol), run(0, "baseline", base), kinds=("token", "random"))
+    d = [-0.3, -0.1]
+    half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / np.sqrt(2)
+    assert one["token"][:2] == pytest.approx((-0.2, -0.2 - half)) and one["token"][3] == 2
+    assert one["random"][0] == pytest.approx(0.025)
+    # Pooled over seeds: the unit is a seed's mean difference; latents are matched within their seed.
+    pooled = E.explainer_difference(E.pool_runs([run(0, "smollm2", smol), run(1, "smollm2", base)]),
+                                    E.pool_runs([run(0, "baseline", base), run(1, "baseline", base)]), kinds=("token",))
+    m, lo, hi, n = pooled["token"]
+    assert (m, n) == (pytest.approx(-0.1), 4) and hi - m == pytest.approx(stats.t.ppf(0.975, 1) * np.std([-0.2, 0.0], ddof=1) / np.sqrt(2))
+    with pytest.raises(ValueError, match="same \\(seed, latent\\) pairs"):
+        E.explainer_difference(run(0, "smollm2", smol), run(1, "baseline", base))
+    with pytest.raises(ValueError, match="embedding_smollm2"):
+        E.explainer_difference(run(0, "baseline", base), run(0, "baseline", base))

@@ -46,6 +46,7 @@ from ..profile import Profile, current_profile, pick
 
 __all__ = [
     "CalibrationSpec",
+    "explainer_difference",
     "load_tokenizer",
     "make_client",
     "planted_latents",
@@ -725,6 +726,33 @@ def control_ci(calibration: dict, scorer: str, explainer: str = "baseline", kind
         if r["kind"] == kind:
             by_seed.setdefault(r.get("seed", 0), []).append(r[f"{scorer}_{explainer}"])
     return mean_ci(by_seed)
+
+
+def explainer_difference(first: dict, second: dict, scorer: str = "embedding", explainers: tuple[str, str] = ("smollm2", "baseline"),
+                         kinds: tuple[str, ...] = ("token", "topic", "random")) -> dict[str, tuple[float, float, float, int]]:
+    """Per kind of planted latent: the mean of ``scorer``'s AUROC with ``explainers[0]``'s explanation
+    (from calibration ``first``) minus that with ``explainers[1]``'s (from ``second``), paired by seed
+    and latent, with its 95 % t-interval (:func:`mean_ci`: over latents with one seed, over the seeds'
+    means with several). Both calibrations (pooled or single-seed) must hold the same latents: the
+    difference is the first explainer's share of the score against the second's."""
+    def by_key(run: dict, explainer: str) -> dict[tuple, tuple[str, float]]:
+        key = f"{scorer}_{explainer}"
+        if any(key not in r for r in run["records"]):
+            raise ValueError(f"every record needs {key!r}: run the calibration with explainer {explainer!r} and scorer {scorer!r}")
+        return {(r.get("seed", run.get("spec", {}).get("seed", 0)), r["latent"]): (r["kind"], r[key]) for r in run["records"]}
+
+    a, b = by_key(first, explainers[0]), by_key(second, explainers[1])
+    if a.keys() != b.keys():
+        raise ValueError(f"the two calibrations must hold the same (seed, latent) pairs; {len(a.keys() ^ b.keys())} differ "
+                         f"(e.g. {sorted(a.keys() ^ b.keys(), key=str)[0]})")
+    out = {}
+    for kind in kinds:
+        by_seed: dict[Any, list[float]] = {}
+        for (seed, latent), (k, v) in a.items():
+            if k == kind:
+                by_seed.setdefault(seed, []).append(v - b[(seed, latent)][1])
+        out[kind] = mean_ci(by_seed)
+    return out
 
 
 def passed_scorers(calibration: dict) -> list[str]:
