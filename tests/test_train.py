@@ -189,3 +189,135 @@ def test_bf16_autocast_path_runs(kind):
     t.fit()
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+# ----------------------------------------------------------------------------- checkpoints: contents and refusals
+
+
+class _NaNAt:
+    """A data source whose ``at``-th batch (counting from 0) has a NaN."""
+
+    def __init__(self, at: int):
+        self.source, self.at, self.calls, self.n_p = data.SparseSource(W_P, 0.8), at, 0, 4
+
+    def sample(self, n, generator=None):
+        x = self.source.sample(n, generator)
+        if self.calls == self.at:
+            x[3, 1] = float("nan")
+        self.calls += 1
+        return x
+
+
+def test_nonfinite_error_says_whether_a_checkpoint_is_intact(tmp_path):
+    from wsae_core.checks import NonFiniteError
+
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8, kind="topk", k=2, seed=5))
+    cfg = train.TrainConfig(steps=30, batch_size=64, lr=1e-2, warmup_steps=5, seed=11, progress=False)
+    with pytest.raises(NonFiniteError, match="^step 7: the batch .* row 3, column 1; .*; no checkpoint was written$"):
+        train.Trainer(sae, _NaNAt(7), cfg).fit()
+    ck = tmp_path / "ck"
+    t = train.Trainer(sae, _NaNAt(12), train.TrainConfig(**{**cfg.__dict__, "checkpoint_every": 5, "checkpoint_dir": str(ck)}))
+    with pytest.raises(NonFiniteError, match=f"the last checkpoint \\(step 10, in {ck}\\) is intact$"):
+        t.fit()
+    assert train.Trainer.from_checkpoint(ck, data.SparseSource(W_P, 0.8)).step == 10
+
+
+def test_checkpoint_restores_the_optimiser_state_exactly(tmp_path):
+    t = _trainer("topk", steps=40)
+    t.fit(until=20)
+    p0 = next(iter(t.model.parameters()))
+    t.optimizer.state[p0]["note"] = 3  # a non-tensor entry (kept in state.json, not in the tensors)
+    t.save_checkpoint(tmp_path / "ck")
+    r = train.Trainer.from_checkpoint(tmp_path / "ck", data.SparseSource(W_P, 0.8))
+    a, b = t.optimizer.state_dict(), r.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"] and isinstance(b["param_groups"][0]["betas"], tuple)
+    assert a["state"].keys() == b["state"].keys() and b["state"][0]["note"] == 3
+    for i, entry in a["state"].items():
+        assert entry.keys() == b["state"][i].keys()
+        for k, v in entry.items():
+            assert torch.equal(v, b["state"][i][k]) if torch.is_tensor(v) else v == b["state"][i][k], (i, k)
+
+
+def test_restore_refuses_state_that_does_not_fit():
+    t = _trainer("topk", steps=40)
+    t.fit(until=10)
+    tensors, state = t._state()
+    n = len(list(t.model.parameters()))
+    shape0 = next(iter(t.model.parameters())).shape
+    for key, value in ((f"optimizer.state.{n}.exp_avg", torch.zeros(shape0)),  # one index past the last parameter
+                       ("optimizer.state.-1.exp_avg", torch.zeros(shape0)),
+                       ("optimizer.state.0.exp_avg", torch.zeros(3, 3))):  # a valid index, the wrong shape
+        with pytest.raises(ValueError, match="no parameter of that shape"):
+            _trainer("topk", steps=40)._restore({**tensors, key: value}, state)
+    for step in (True, 1.5, "5", -1, 41):
+        with pytest.raises(ValueError, match=f"step must be an integer in \\[0, 40\\], got {step!r}"):
+            _trainer("topk", steps=40)._restore(tensors, {**state, "step": step})
+    for step in (0, 40):  # both ends are steps a checkpoint can hold
+        r = _trainer("topk", steps=40)
+        r._restore(tensors, {**state, "step": step})
+        assert r.step == step
+    with pytest.raises(ValueError, match="steps_since_fired has shape"):
+        _trainer("topk", steps=40)._restore({**tensors, "steps_since_fired": torch.zeros(3)}, state)
+
+
+def test_checkpoint_folder_is_created_and_cleaned(tmp_path):
+    ck = tmp_path / "a" / "b" / "ck"  # parents that do not exist yet
+    t = _trainer("topk", steps=20)
+    t.fit(until=5)
+    t.save_checkpoint(ck)
+    (ck / ".checkpoint.json.tmp1234").write_text("{")  # what a run killed mid-write leaves
+    (ck / "step_00000001_deadbeef").mkdir()
+    (ck / "notes.txt").write_text("kept")  # not ours: never touched
+    t.fit(until=10)
+    t.save_checkpoint(ck)
+    names = sorted(p.name for p in ck.iterdir())
+    assert names[0] == "checkpoint.json" and names[1] == "notes.txt" and len(names) == 3
+    assert names[2].startswith("step_00000010_")
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    t = _trainer("topk", steps=20)
+    t.fit(until=5)
+    t.save_checkpoint(ck)
+    before = sorted(p.name for p in ck.iterdir())
+    real = train.write_json
+
+    def fail_on_pointer(path, obj):
+        if path.name == "checkpoint.json":
+            raise OSError(28, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(train, "write_json", fail_on_pointer)
+    t.fit(until=10)
+    with pytest.raises(OSError, match="No space left"):
+        t.save_checkpoint(ck)
+    assert sorted(p.name for p in ck.iterdir()) == before  # the half-written step folder is gone
+    monkeypatch.undo()
+    assert train.Trainer.from_checkpoint(ck, data.SparseSource(W_P, 0.8)).step == 5
+
+
+@pytest.mark.parametrize("change", [{"format": 1}, {"step": 6}, {"format": None}])
+def test_checkpoint_pointer_must_agree_with_its_folder(tmp_path, change):
+    from wsae_core.checks import CorruptFileError
+
+    ck = tmp_path / "ck"
+    t = _trainer("topk", steps=20)
+    t.fit(until=5)
+    t.save_checkpoint(ck)
+    pointer = json.loads((ck / "checkpoint.json").read_text())
+    assert pointer["format"] == 2 and pointer["step"] == 5
+    (ck / "checkpoint.json").write_text(json.dumps({k: v for k, v in {**pointer, **change}.items() if v is not None}))
+    with pytest.raises(CorruptFileError, match="must hold format 2 and the step of the folder it names \\(5\\)"):
+        train.Trainer.from_checkpoint(ck, data.SparseSource(W_P, 0.8))
+
+
+def test_saved_sae_of_another_format_is_refused(tmp_path):
+    from wsae_core.checks import CorruptFileError
+
+    t = _trainer("topk", steps=5)
+    train.save_sae(t.model, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "format": 3}))
+    with pytest.raises(CorruptFileError, match="has format 3; this version of wsae_core reads format 2"):
+        train.load_sae(tmp_path / "sae")

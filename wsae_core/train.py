@@ -288,6 +288,10 @@ def _resolve_checkpoint(path: Path) -> Path | None:
     name = ptr.get("folder") if isinstance(ptr, dict) else None
     if not isinstance(name, str) or not _STEP_DIR.fullmatch(name):
         raise CorruptFileError(f"{pointer} must name a step folder like 'step_00000040_0123abcd', got {name!r}")
+    step = int(name[len("step_"):len("step_") + 8])
+    if ptr.get("format") != _SAVE_FORMAT or ptr.get("step") != step:
+        raise CorruptFileError(f"{pointer} must hold format {_SAVE_FORMAT} and the step of the folder it names "
+                               f"({step}), got format {ptr.get('format')!r} and step {ptr.get('step')!r}")
     return path / name
 
 
@@ -311,6 +315,9 @@ def _read_saved(path: str | os.PathLike, what: str) -> tuple[Path, dict]:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("sae"), dict):
         raise CorruptFileError(f"{cfg_path} must be a JSON object with an 'sae' object (the SAEConfig), "
                                f"got {str(cfg)[:200]}")
+    if cfg.get("format") != _SAVE_FORMAT:
+        raise CorruptFileError(f"{cfg_path} has format {cfg.get('format')!r}; this version of wsae_core reads "
+                               f"format {_SAVE_FORMAT}: save the {what} again with it")
     return folder, cfg
 
 
