@@ -289,7 +289,9 @@ def build_latent_browser(
         "selection": {"top": selection.n_explain_top, "quantiles": selection.n_explain_quantile,
                       "window_before": selection.window_before, "window_after": selection.window_after},
         "saes": [{"name": n, "n_latents": loaded[n].model.cfg.n_m, "kind": loaded[n].model.cfg.kind,
-                  "k": loaded[n].model.cfg.k, "alpha": loaded[n].meta.get("alpha"),
+                  "k": loaded[n].model.cfg.k,
+                  # a WSAE saved by this library keeps α in its rule's block
+                  "alpha": loaded[n].meta.get("alpha", (loaded[n].meta.get("wsae") or {}).get("alpha")),
                   "eligible": int((stats[n][1] >= selection.n_activating_needed).sum()),
                   "dead_fraction": _round(float((stats[n][0] == 0).mean())),
                   "explanations_not_matching": mismatched[n]} for n in names],
