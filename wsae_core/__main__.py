@@ -159,7 +159,7 @@ def _browser(argv: list[str]) -> int:
     p.add_argument("--profile", choices=PROFILES, default=None, help="which sweep (default: $WSAE_PROFILE or book)")
     p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
     p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--explanations", default=None, help="an interp sweep's results JSON (explanations and scores)")
+    p.add_argument("--explanations", default=None, help="an auto-interpretability run's results JSON, an interp sweep's or a scoring run's (interp score): explanations and scores")
     p.add_argument("--sae-seed", type=int, default=0, help="which of the sweep's training seeds to show (its SAEs and their explanations)")
     p.add_argument("--latents", type=int, default=12,
                    help="latents sampled per SAE, explained ones first (besides the paired ones)")
