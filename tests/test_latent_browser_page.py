@@ -40,8 +40,8 @@ def test_the_page_searches_opens_shades_and_links_offline(browser, server):  # n
         assert page.locator(".wsae-lb-title").inner_text() == items.nth(hit).locator(".wsae-lb-item-name").inner_text()
         assert word.lower() in page.locator(".wsae-lb-explanation").first.inner_text().lower()
         # Its scores, each named by scorer and explainer (a scoring run's format), as the data give them.
-        scores = page.evaluate("""(k) => window.WSAE_LATENT_BROWSER.latents.find(l => l.sae + '-' + l.id === k).scores || []""",
-                               items.nth(hit).get_attribute("data-key"))
+        scores = page.evaluate("""(k) => window.WSAE_LATENT_BROWSER.latents
+            .find(l => l.sae + '-' + l.id === k).scores || []""", items.nth(hit).get_attribute("data-key"))
         if scores:
             shown = page.locator(".wsae-lb-scores").first.inner_text()
             for s in scores:

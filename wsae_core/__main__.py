@@ -159,8 +159,10 @@ def _browser(argv: list[str]) -> int:
     p.add_argument("--profile", choices=PROFILES, default=None, help="which sweep (default: $WSAE_PROFILE or book)")
     p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
     p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--explanations", default=None, help="an auto-interpretability run's results JSON, an interp sweep's or a scoring run's (interp score): explanations and scores")
-    p.add_argument("--sae-seed", type=int, default=0, help="which of the sweep's training seeds to show (its SAEs and their explanations)")
+    p.add_argument("--explanations", default=None,
+                   help="an auto-interpretability run's results JSON (interp sweep or interp score): explanations and scores")
+    p.add_argument("--sae-seed", type=int, default=0,
+                   help="which of the sweep's training seeds to show (its SAEs and their explanations)")
     p.add_argument("--latents", type=int, default=12,
                    help="latents sampled per SAE, explained ones first (besides the paired ones)")
     p.add_argument("--pair-from", nargs="*", default=None, metavar="METHOD",
@@ -186,8 +188,8 @@ def _browser(argv: list[str]) -> int:
                                 skip_first=spec["skip_first"], seed=args.seed, device=args.device,
                                 description=describe(sweep))
     out = write_latent_browser(data, args.out)
-    print(f"wrote {out}: {len(data['latents'])} latents of {len(data['saes'])} SAEs at layer {args.layer}, seed {args.sae_seed}, "
-          f"{out.stat().st_size / 1024:.0f} KiB")
+    print(f"wrote {out}: {len(data['latents'])} latents of {len(data['saes'])} SAEs at layer {args.layer}, "
+          f"seed {args.sae_seed}, {out.stat().st_size / 1024:.0f} KiB")
     return 0
 
 

@@ -115,7 +115,7 @@ def explanations_by_latent(results: Mapping[str, Any] | None, layer: int,
         if seed is not None and r.get("seed") is not None and int(r["seed"]) != int(seed):
             continue
         explainers = sorted((k[len("explanation_"):] for k in r if k.startswith("explanation_") and r[k] is not None),
-                            key=lambda e: (e not in order, order.index(e) if e in order else 0, e))
+                            key=lambda e: (order.index(e) if e in order else len(order), e))
         if r.get("explanation") is not None:
             e = {"explanation": str(r["explanation"]),
                  **{k: r[k] for k in _SCORE_KEYS if _finite(r.get(k))}}
@@ -172,9 +172,9 @@ def build_latent_browser(
     the explainer saw. Per SAE, ``n_latents`` eligible latents are sampled, explained ones first;
     ``paired``: add the nearest eligible latent of each in every other SAE (True: from every SAE; a
     list of names: from those SAEs' samples only, which keeps the data small when there are many
-    SAEs). Activations
-    are those of the tokens at positions ``>= skip_first`` of ``contexts`` (all by default).
-    Returns a JSON-ready dict: ``{"layer", "model", "description", "saes": [...], "tokens": [...],
+    SAEs). Activations are those of the tokens at positions ``>= skip_first`` of ``contexts`` (all
+    by default).
+    Returns a JSON-ready dict: ``{"layer", "sae_seed", "model", "description", "saes": [...], "tokens": [...],
     "latents": [...]}`` (see the module docstring).
     """
     from tqdm.auto import tqdm
