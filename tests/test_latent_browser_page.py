@@ -8,6 +8,8 @@ opens a latent of another SAE. Skipped like those tests where no book is built o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from required import missing
 from test_browser import SCREENSHOTS, _open, browser, server  # noqa: F401  (fixtures)
@@ -36,7 +38,15 @@ def test_the_page_searches_opens_shades_and_links_offline(browser, server):  # n
         hit = next(i for i, t in enumerate(texts) if word.lower() in t)
         items.nth(hit).click()
         assert page.locator(".wsae-lb-title").inner_text() == items.nth(hit).locator(".wsae-lb-item-name").inner_text()
-        assert word.lower() in page.locator(".wsae-lb-explanation").inner_text().lower()
+        assert word.lower() in page.locator(".wsae-lb-explanation").first.inner_text().lower()
+        # Its scores, each named by scorer and explainer (a scoring run's format), as the data give them.
+        scores = page.evaluate("""(k) => window.WSAE_LATENT_BROWSER.latents
+            .find(l => l.sae + '-' + l.id === k).scores || []""", items.nth(hit).get_attribute("data-key"))
+        if scores:
+            shown = page.locator(".wsae-lb-scores").first.inner_text()
+            for s in scores:
+                m = re.search(rf"{s['scorer']} AUROC ([0-9.]+) \({s['explainer']} explainer\)", shown)
+                assert m and abs(float(m.group(1)) - s["auroc"]) <= 0.005 + 1e-9, (s, shown)
         # Contexts with shaded tokens and a histogram with bars.
         assert page.locator(".wsae-lb-detail .wsae-lb-context").count() >= 2
         shaded = page.locator(".wsae-lb-detail .wsae-lb-on")

@@ -112,9 +112,11 @@ def _import(argv: list[str]) -> int:
     return 0
 
 
-def _sweep(results: str | Path | None, profile: str | None, layer: int | None = None) -> tuple[dict, list[dict]]:
+def _sweep(results: str | Path | None, profile: str | None, layer: int | None = None,
+           seed: int | None = None) -> tuple[dict, list[dict]]:
     """A layer sweep's results (default: the profile's committed file) and the records of its trained
-    SAEs (at ``layer``, if given), checked to be on this machine."""
+    SAEs (every rule but the untrained control; at ``layer`` and of ``seed``, if given), checked to
+    be on this machine."""
     import json
 
     from .experiments.lm import results_path
@@ -123,11 +125,18 @@ def _sweep(results: str | Path | None, profile: str | None, layer: int | None = 
     profile = profile or current_profile()
     path = Path(results) if results else results_path(profile)
     sweep = json.loads(path.read_text())
-    recs = [r for r in sweep["records"] if r.get("sae_dir") and r.get("alpha") is not None
-            and (layer is None or r["layer"] == layer)]
+    trained = [r for r in sweep["records"] if r.get("sae_dir") and r.get("rule") != "untrained"]
+    layers = sorted({r["layer"] for r in trained})
+    if layer is not None and layer not in layers:
+        raise SystemExit(f"{path} has no trained SAE at layer {layer}; layers: {layers}")
+    at = [r for r in trained if layer is None or r["layer"] == layer]
+    seeds = sorted({r["seed"] for r in at})
+    if seed is not None and seed not in seeds:
+        raise SystemExit(f"{path} has no trained SAE of seed {seed}{f' at layer {layer}' if layer is not None else ''}; "
+                         f"seeds: {seeds}")
+    recs = [r for r in at if seed is None or r["seed"] == seed]
     if not recs:
-        raise SystemExit(f"{path} has no trained SAE{f' at layer {layer}' if layer is not None else ''}; "
-                         f"layers: {sorted({r['layer'] for r in sweep['records']})}")
+        raise SystemExit(f"{path} has no trained SAE; its records: {len(sweep['records'])}")
     missing = [r["sae_dir"] for r in recs if not Path(r["sae_dir"]).is_dir()]
     if missing:
         raise SystemExit(f"{len(missing)} SAE folders of {path} are not on this machine (first: {missing[0]}); "
@@ -150,13 +159,22 @@ def _browser(argv: list[str]) -> int:
     p.add_argument("--profile", choices=PROFILES, default=None, help="which sweep (default: $WSAE_PROFILE or book)")
     p.add_argument("--sweep", default=None, help="the sweep's results JSON (default: book/results/lm_sweep_<profile>.json)")
     p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--explanations", default=None, help="an interp sweep's results JSON (explanations and scores)")
-    p.add_argument("--latents", type=int, default=12, help="latents sampled per SAE (besides the explained and paired ones)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--explanations", default=None,
+                   help="an auto-interpretability run's results JSON (interp sweep or interp score): explanations and scores")
+    p.add_argument("--sae-seed", type=int, default=0,
+                   help="which of the sweep's training seeds to show (its SAEs and their explanations)")
+    p.add_argument("--latents", type=int, default=12,
+                   help="latents sampled per SAE, explained ones first (besides the paired ones)")
+    p.add_argument("--pair-from", nargs="*", default=None, metavar="METHOD",
+                   help="add the nearest latent in every other SAE only for these SAEs' samples (default: every SAE's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents' sampling")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="data file to write (the book's: book/browser_assets/latent_browser/data.js)")
     args = p.parse_args(argv)
-    sweep, recs = _sweep(args.sweep, args.profile, args.layer)
+    sweep, recs = _sweep(args.sweep, args.profile, args.layer, args.sae_seed)
+    methods = [r["method"] for r in recs]
+    if len(set(methods)) != len(methods):
+        raise SystemExit(f"the sweep has several SAEs of one method at layer {args.layer}, seed {args.sae_seed}: {methods}")
     cache_dir = Path(sweep["cache"]["folder"])
     if not cache_dir.is_dir():
         raise SystemExit(f"the sweep's activation cache {cache_dir} is not on this machine; rerun the sweep: {PROG} lm")
@@ -164,12 +182,14 @@ def _browser(argv: list[str]) -> int:
     expl = json.loads(Path(args.explanations).read_text()) if args.explanations else None
     data = build_latent_browser({r["method"]: r["sae_dir"] for r in recs}, ActivationCache(cache_dir), args.layer,
                                 token_strings(load_tokenizer(sweep["model_info"]["name"])), explanations=expl,
-                                n_latents=args.latents, contexts=range(0, spec["n_train_contexts"]),
+                                sae_seed=args.sae_seed, n_latents=args.latents,
+                                paired=True if args.pair_from is None else args.pair_from,
+                                contexts=range(0, spec["n_train_contexts"]),
                                 skip_first=spec["skip_first"], seed=args.seed, device=args.device,
                                 description=describe(sweep))
     out = write_latent_browser(data, args.out)
     print(f"wrote {out}: {len(data['latents'])} latents of {len(data['saes'])} SAEs at layer {args.layer}, "
-          f"{out.stat().st_size / 1024:.0f} KiB")
+          f"seed {args.sae_seed}, {out.stat().st_size / 1024:.0f} KiB")
     return 0
 
 

@@ -12,12 +12,12 @@ script the book's static viewer reads (``window.WSAE_LATENT_BROWSER = {...}``: a
 loads it from a page opened over ``file://`` too, where ``fetch`` of a JSON file is refused).
 
 Sampling (seeded): latents that fire in at least ``n_activating_needed`` documents are *eligible*;
-per SAE, the latents that have an explanation come first, then a random sample of the others (an
-explanation is attached only when the run that wrote it saw the latent fire in as many documents as
-these weights do: an SAE retrained elsewhere can diverge, and its latent ``j`` is then another
-feature; such explanations are counted in ``explanations_not_matching``); with
-``paired=True`` the nearest eligible latent of each sampled one in every other SAE is added, so a
-reader can follow a latent across the SAE and the WSAEs.
+per SAE, ``n_latents`` of them: a random sample of the latents that have an explanation first, then
+of the others (an explanation is attached only when the run that wrote it saw the latent fire in as
+many documents as these weights do: an SAE retrained elsewhere can diverge, and its latent ``j`` is
+then another feature; such explanations are counted in ``explanations_not_matching``); with
+``paired`` the nearest eligible latent of each sampled one in every other SAE is added, so a reader
+can follow a latent across the SAE and the WSAEs.
 
 Compact by construction: a table of the token strings used, contexts as indices into it, and
 activations as integers in 0..100 (percent of the latent's maximum).
@@ -90,21 +90,52 @@ def nearest_latents(a: PortableSAE, b: PortableSAE, latents: Sequence[int], k: i
     return idx.numpy(), cos.numpy()
 
 
-def explanations_by_latent(results: Mapping[str, Any] | None, layer: int) -> dict[tuple[str, int], dict[str, Any]]:
-    """``{(method, latent): {"explanation", "score", "detection", ...}}`` for ``layer`` from an
-    auto-interpretability run's results (``{"records": [{"layer", "method", "latent", "explanation",
-    scores..., "n_activating"}]}``, as :func:`wsae_core.experiments.interp.run_sweep` writes).
-    ``n_activating`` (documents the latent fired in, as the run saw it) lets the browser check that
-    the explanation was made for the same weights."""
+def explanations_by_latent(results: Mapping[str, Any] | None, layer: int,
+                           seed: int | None = None) -> dict[tuple[str, int], dict[str, Any]]:
+    """``{(method, latent): {"explanation", scores..., "n_activating"}}`` for ``layer`` (and the SAE
+    ``seed``, when given) from an auto-interpretability run's results, in either format:
+
+    - an interp sweep's (``{"records": [{"layer", "method", "latent", "explanation", "score",
+      "detection", "fuzzing", ..., "n_activating"}]}``, :func:`wsae_core.experiments.interp.run_sweep`):
+      the scores are kept under their names;
+    - a scoring run's (``{"spec": {"explainers"}, "records": [{"label", "layer", "seed", "latent",
+      "explanation_<explainer>", "<scorer>_<explainer>", "n_activating"}]}``, every score an AUROC):
+      ``"explanation"`` is the first explainer's text, ``"explainer"`` its name, ``"scores"``
+      ``[{"scorer", "explainer", "auroc"}]`` and ``"explanations"`` the other explainers' texts
+      (only when there are others).
+
+    A record with a ``seed`` other than ``seed`` explained another SAE and is left out (a record
+    without one is kept). ``n_activating`` (documents the latent fired in, as the run saw it) lets
+    the browser check that the explanation was made for the same weights."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
+    order = list(((results or {}).get("spec") or {}).get("explainers") or [])
     for r in (results or {}).get("records", []):
-        if r.get("layer") != layer or r.get("explanation") is None or r.get("kind", "sae") != "sae":
+        if r.get("layer") != layer or r.get("kind", "sae") != "sae":
             continue
-        scores = {k: r[k] for k in _SCORE_KEYS if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
+        if seed is not None and r.get("seed") is not None and int(r["seed"]) != int(seed):
+            continue
+        explainers = sorted((k[len("explanation_"):] for k in r if k.startswith("explanation_") and r[k] is not None),
+                            key=lambda e: (order.index(e) if e in order else len(order), e))
+        if r.get("explanation") is not None:
+            e = {"explanation": str(r["explanation"]),
+                 **{k: r[k] for k in _SCORE_KEYS if _finite(r.get(k))}}
+        elif explainers:
+            e = {"explanation": str(r[f"explanation_{explainers[0]}"]), "explainer": explainers[0],
+                 "scores": [{"scorer": k[: -len(x) - 1], "explainer": x, "auroc": _round(v)}
+                            for x in explainers for k, v in r.items()
+                            if k.endswith(f"_{x}") and not k.startswith(("explanation_", "seconds_")) and _finite(v)]}
+            if len(explainers) > 1:
+                e["explanations"] = {x: str(r[f"explanation_{x}"]) for x in explainers[1:]}
+        else:
+            continue
         if isinstance(r.get("n_activating"), int):
-            scores["n_activating"] = r["n_activating"]
-        out[(str(r["method"]), int(r["latent"]))] = {"explanation": str(r["explanation"]), **scores}
+            e["n_activating"] = r["n_activating"]
+        out[(str(r.get("method", r.get("label"))), int(r["latent"]))] = e
     return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _round(v: float, digits: int = 4) -> float:
@@ -118,8 +149,9 @@ def build_latent_browser(
     vocab: Sequence[str],
     *,
     explanations: Mapping[str, Any] | None = None,
+    sae_seed: int | None = None,
     n_latents: int = 12,
-    paired: bool = True,
+    paired: bool | Sequence[str] = True,
     contexts: range | None = None,
     skip_first: int = 1,
     n_neighbours: int = 5,
@@ -134,10 +166,15 @@ def build_latent_browser(
     WSAEs) at ``layer`` of ``cache``.
 
     ``vocab[i]``: the text of token ``i`` (:func:`wsae_core.interp.token_strings`). ``explanations``:
-    an auto-interpretability run's results (:func:`explanations_by_latent`); its ``selection``
-    settings are used for the contexts, so a reader sees the windows the explainer saw. Activations
-    are those of the tokens at positions ``>= skip_first`` of ``contexts`` (all by default).
-    Returns a JSON-ready dict: ``{"layer", "model", "description", "saes": [...], "tokens": [...],
+    an auto-interpretability run's results (:func:`explanations_by_latent`), of the SAEs trained with
+    seed ``sae_seed`` (other seeds' records are left out; an SAE whose metadata names another seed is
+    an error); its ``selection`` settings are used for the contexts, so a reader sees the windows
+    the explainer saw. Per SAE, ``n_latents`` eligible latents are sampled, explained ones first;
+    ``paired``: add the nearest eligible latent of each in every other SAE (True: from every SAE; a
+    list of names: from those SAEs' samples only, which keeps the data small when there are many
+    SAEs). Activations are those of the tokens at positions ``>= skip_first`` of ``contexts`` (all
+    by default).
+    Returns a JSON-ready dict: ``{"layer", "sae_seed", "model", "description", "saes": [...], "tokens": [...],
     "latents": [...]}`` (see the module docstring).
     """
     from tqdm.auto import tqdm
@@ -149,9 +186,18 @@ def build_latent_browser(
     n_p = {n: s.model.cfg.n_p for n, s in loaded.items()}
     if set(n_p.values()) != {cache.d_model}:
         raise ValueError(f"every SAE must read d_model = {cache.d_model} activations of the cache, got {n_p}")
+    if sae_seed is not None:
+        other = {n: s.meta.get("seed") for n, s in loaded.items() if s.meta.get("seed") not in (None, sae_seed)}
+        if other:
+            raise ValueError(f"sae_seed is {sae_seed} but these SAEs were trained with other seeds: {other}")
+    pairing = names if paired is True else list(paired or [])
+    if set(pairing) - set(names):
+        raise ValueError(f"paired names SAEs that are not given: {sorted(set(pairing) - set(names))}; SAEs: {names}")
     if selection is None:
-        selection = SelectionConfig(**explanations["selection"]) if explanations and explanations.get("selection") else BROWSER_SELECTION
-    expl = explanations_by_latent(explanations, layer)
+        # An interp sweep keeps its selection at the top level, a scoring run in its spec.
+        given = (explanations or {}).get("selection") or ((explanations or {}).get("spec") or {}).get("selection")
+        selection = SelectionConfig(**given) if given else BROWSER_SELECTION
+    expl = explanations_by_latent(explanations, layer, sae_seed)
     n_ctx_all = cache.tokens.shape[0]
     ctx = range(n_ctx_all) if contexts is None else contexts
     tokens, docs = cache.tokens[ctx.start : ctx.stop], cache.doc_ids[ctx.start : ctx.stop]
@@ -165,13 +211,14 @@ def build_latent_browser(
     for name in names:
         stats[name] = latent_codes(loaded[name], x, row_doc, device=device)
         eligible = np.flatnonzero(stats[name][1] >= selection.n_activating_needed)
-        first = sorted(j for (m, j) in expl if m == name and j in set(eligible.tolist()))
-        rest = rng.permutation(np.setdiff1d(eligible, first))
-        chosen[name] = list(dict.fromkeys([*first, *rest[: max(0, n_latents - len(first))].tolist()]))
+        explained = np.array(sorted(j for (m, j) in expl if m == name), dtype=np.int64)
+        first = rng.permutation(np.intersect1d(explained, eligible))[:n_latents]
+        rest = rng.permutation(np.setdiff1d(eligible, explained))[: n_latents - len(first)]
+        chosen[name] = [*map(int, first), *map(int, rest)]
         bar.update(1)
-    if paired:  # the nearest eligible latent of each sampled one, in every other SAE
+    if pairing:  # the nearest eligible latent of each sampled one, in every other SAE
         sampled = {n: list(c) for n, c in chosen.items()}
-        for a in names:
+        for a in pairing:
             for b in (b for b in names if b != a and sampled[a]):
                 idx, _ = nearest_latents(loaded[a], loaded[b], sampled[a], n_neighbours)
                 ok = stats[b][1] >= selection.n_activating_needed
@@ -235,13 +282,16 @@ def build_latent_browser(
     return {
         "version": 1,
         "layer": int(layer),
+        "sae_seed": sae_seed,
         "model": cache.meta["key"]["model"],
         "description": description,
         "n_tokens": int(x.shape[0]),
         "selection": {"top": selection.n_explain_top, "quantiles": selection.n_explain_quantile,
                       "window_before": selection.window_before, "window_after": selection.window_after},
         "saes": [{"name": n, "n_latents": loaded[n].model.cfg.n_m, "kind": loaded[n].model.cfg.kind,
-                  "k": loaded[n].model.cfg.k, "alpha": loaded[n].meta.get("alpha"),
+                  "k": loaded[n].model.cfg.k,
+                  # a WSAE saved by this library keeps α in its rule's block
+                  "alpha": loaded[n].meta.get("alpha", (loaded[n].meta.get("wsae") or {}).get("alpha")),
                   "eligible": int((stats[n][1] >= selection.n_activating_needed).sum()),
                   "dead_fraction": _round(float((stats[n][0] == 0).mean())),
                   "explanations_not_matching": mismatched[n]} for n in names],

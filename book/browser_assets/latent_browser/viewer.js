@@ -34,11 +34,13 @@
         if (s && !seen[s]) { seen[s] = true; top.push(s); }
       });
       l.topTokens = top;
-      l.search = ((l.explanation || "") + " " + top.join(" ")).toLowerCase();
+      var more = l.explanations ? Object.keys(l.explanations).map(function (k) { return l.explanations[k]; }) : [];
+      l.search = [l.explanation || ""].concat(more, top).join(" ").toLowerCase();
     });
 
     root.textContent = "";
     root.appendChild(el("p", "wsae-lb-about", "Layer " + data.layer + " of " + data.description + ". " +
+      (data.sae_seed !== undefined && data.sae_seed !== null ? "SAEs of training seed " + data.sae_seed + ": " : "") +
       latents.length + " sampled latents of " + saes.map(function (s) {
         return s.name + " (" + s.n_latents + " latents" + (s.k ? ", k = " + s.k : "") + ", " +
           fmt(100 * s.dead_fraction, 2) + "% dead)";
@@ -146,7 +148,7 @@
       detail.appendChild(el("h3", "wsae-lb-title", label(l)));
       var ex = el("p", "wsae-lb-explanation");
       if (l.explanation) {
-        ex.appendChild(el("strong", null, "Explanation: "));
+        ex.appendChild(el("strong", null, "Explanation" + (l.explainer ? " (" + l.explainer + " explainer)" : "") + ": "));
         ex.appendChild(document.createTextNode(l.explanation));
       } else if (l.explanation_withheld) {
         ex.textContent = "Explanation withheld: the auto-interpretability run saw this latent fire in another " +
@@ -155,6 +157,17 @@
         ex.textContent = "No explanation: this latent was not among those the auto-interpretability run scored.";
       }
       detail.appendChild(ex);
+      Object.keys(l.explanations || {}).forEach(function (name) {
+        var more = el("p", "wsae-lb-explanation");
+        more.appendChild(el("strong", null, "Explanation (" + name + " explainer): "));
+        more.appendChild(document.createTextNode(l.explanations[name]));
+        detail.appendChild(more);
+      });
+      if (l.scores && l.scores.length) {
+        detail.appendChild(el("p", "wsae-lb-scores", l.scores.map(function (s) {
+          return s.scorer + " AUROC " + Number(s.auroc).toFixed(2) + " (" + s.explainer + " explainer)";
+        }).join("; ")));
+      }
       if (l.score !== undefined) {
         var auc = l.detection_auc !== undefined || l.fuzzing_auc !== undefined ?
           "; AUC " + fmt(l.detection_auc) + " / " + fmt(l.fuzzing_auc) : "";
