@@ -321,3 +321,24 @@ def test_saved_sae_of_another_format_is_refused(tmp_path):
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "format": 3}))
     with pytest.raises(CorruptFileError, match="has format 3; this version of wsae_core reads format 2"):
         train.load_sae(tmp_path / "sae")
+
+
+def test_save_sae_folder_rule_and_an_interrupted_resave(tmp_path, monkeypatch):
+    t = _trainer("topk", steps=5)
+    path = tmp_path / "a" / "b" / "sae"  # parents that do not exist yet
+    train.save_sae(t.model, path, gamma=torch.tensor([1.0, 0.5, 0.8, 1.2]))
+    m = train.load_sae(path)
+    assert m.gamma_rule == {"rule": "custom", "alpha": None} and torch.equal(m.gamma, torch.tensor([1.0, 0.5, 0.8, 1.2]))
+    real = train.write_bytes
+
+    def fail_on_weights(p, data):
+        if p.name == "model.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(p, data)
+
+    monkeypatch.setattr(train, "write_bytes", fail_on_weights)
+    with pytest.raises(OSError):
+        train.save_sae(t.model, path)
+    # The earlier save's cfg.json went first, so the folder reads as incomplete, not as a mix of two saves.
+    with pytest.raises(FileNotFoundError, match="cfg.json not found: .* is not a complete saved SAE .*interrupted"):
+        train.load_sae(path)
