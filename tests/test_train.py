@@ -342,3 +342,60 @@ def test_save_sae_folder_rule_and_an_interrupted_resave(tmp_path, monkeypatch):
     # The earlier save's cfg.json went first, so the folder reads as incomplete, not as a mix of two saves.
     with pytest.raises(FileNotFoundError, match="cfg.json not found: .* is not a complete saved SAE .*interrupted"):
         train.load_sae(path)
+
+
+def test_load_sae_checks_and_the_folders_from_before_manifests(tmp_path):
+    from wsae_core.checks import CorruptFileError, NonFiniteError
+
+    t = _trainer("topk", steps=5)
+    path = train.save_sae(t.model, tmp_path / "sae", gamma=torch.tensor([1.0, 0.5, 0.8, 1.2]), gamma_rule="variance", alpha=0.5)
+    cfg = json.loads((path / "cfg.json").read_text())
+    x = torch.randn(5, 4)
+    # A folder from before manifests and formats: no "files", no "format"; read with safetensors' checks.
+    legacy = {k: v for k, v in cfg.items() if k not in ("files", "format")}
+    (path / "cfg.json").write_text(json.dumps(legacy))
+    m = train.load_sae(path)
+    assert torch.equal(m(x).reconstruction, t.model(x).reconstruction) and m.gamma_rule == {"rule": "variance", "alpha": 0.5}
+    (path / "cfg.json").write_text(json.dumps({**legacy, "wsae": None}))  # no manifest: the rule is not cross-checked
+    assert train.load_sae(path).gamma_rule is None
+    (path / "cfg.json").write_text(json.dumps({**cfg, "wsae": None}))  # with a manifest it is
+    with pytest.raises(CorruptFileError, match="'wsae' \\(None\\) and the stored gamma \\(present\\) disagree"):
+        train.load_sae(path)
+    (path / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "format"}))
+    with pytest.raises(CorruptFileError, match="has format None"):
+        train.load_sae(path)
+    (path / "cfg.json").write_text(json.dumps({**cfg, "sae": {**cfg["sae"], "n_m": 9}}))
+    with pytest.raises(ValueError, match=f"{path / 'model.safetensors'}: W_enc has shape"):
+        train.load_sae(path)
+    (path / "cfg.json").write_text(json.dumps({**cfg, "sae": {**cfg["sae"], "bogus": 1}}))
+    with pytest.raises(ValueError, match=f"^{path / 'cfg.json'}: unknown SAEConfig field"):
+        train.load_sae(path)
+    # Weights altered: the manifest names the folder as a saved SAE and the file.
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    raw = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(raw[:-4] + b"\x00\x00\xc0\x7f")  # four bytes altered
+    with pytest.raises(CorruptFileError, match=f"^saved SAE at {path}: model.safetensors does not match its SHA-256"):
+        train.load_sae(path)
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    (path / "cfg.json").write_text(json.dumps(legacy))
+    with pytest.raises(CorruptFileError, match=f"^{path / 'model.safetensors'} \\(SAE weights\\) is not a valid safetensors"):
+        train.load_sae(path)
+    from safetensors.torch import load_file, save_file
+
+    (path / "model.safetensors").write_bytes(raw)
+    weights = load_file(str(path / "model.safetensors"))
+    weights["W_enc"][1, 2] = float("nan")
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(NonFiniteError, match=f"must be finite, got nan at \\[.*\\] in {path / 'model.safetensors'}$"):
+        train.load_sae(path)
+    weights["W_enc"][1, 2], weights["gamma"] = 0.0, torch.ones(3)  # Γ of the wrong length (no manifest to catch it)
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="gamma must have length n_p = 4, got length 3"):
+        train.load_sae(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found: expected a folder written by save_sae"):
+        train.load_sae(path)
+    with pytest.raises(FileNotFoundError, match="written by save_sae$"):
+        train.load_sae(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="written by Trainer.save_checkpoint$"):
+        train.Trainer.from_checkpoint(tmp_path / "nowhere", data.SparseSource(W_P, 0.8))

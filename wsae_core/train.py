@@ -315,7 +315,7 @@ def _read_saved(path: str | os.PathLike, what: str) -> tuple[Path, dict]:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("sae"), dict):
         raise CorruptFileError(f"{cfg_path} must be a JSON object with an 'sae' object (the SAEConfig), "
                                f"got {str(cfg)[:200]}")
-    if cfg.get("format") != _SAVE_FORMAT:
+    if cfg.get("format") != _SAVE_FORMAT and ("files" in cfg or "format" in cfg):  # no files: before manifests
         raise CorruptFileError(f"{cfg_path} has format {cfg.get('format')!r}; this version of wsae_core reads "
                                f"format {_SAVE_FORMAT}: save the {what} again with it")
     return folder, cfg
