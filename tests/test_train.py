@@ -2,6 +2,7 @@
 golden-number end-to-end run (dictionary_learning style: a silent change in a number fails loudly)."""
 
 import json
+import sys
 
 import numpy as np
 
@@ -399,3 +400,38 @@ def test_load_sae_checks_and_the_folders_from_before_manifests(tmp_path):
         train.load_sae(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="written by Trainer.save_checkpoint$"):
         train.Trainer.from_checkpoint(tmp_path / "nowhere", data.SparseSource(W_P, 0.8))
+
+
+def test_fit_until_and_the_progress_bar(monkeypatch, capsys):
+    t = _trainer("topk", steps=30)
+    assert t.fit(until=0) == [] and t.step == 0  # 0 is a valid stop: nothing to do
+    for bad in (True, -1, 2.0):
+        with pytest.raises(ValueError, match=f"until must be None or an integer >= 0, got {bad!r}"):
+            t.fit(until=bad)
+    capsys.readouterr()
+    t.fit(until=10)
+    assert "train" not in capsys.readouterr().err  # progress=False: silent
+    t.cfg = train.TrainConfig(**{**t.cfg.__dict__, "progress": True})
+    t.fit(until=20)
+    err = capsys.readouterr().err
+    assert "train:" in err and "10/30" in err and " 0/30" not in err  # the bar starts where training resumes
+    # progress=None: a bar on an interactive terminal only, and never under CI.
+    t.cfg = train.TrainConfig(**{**t.cfg.__dict__, "progress": None})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.delenv("CI", raising=False)
+    t.fit(until=25)
+    assert "20/30" in capsys.readouterr().err
+    monkeypatch.setenv("CI", "true")
+    t.fit(until=30)
+    assert "train" not in capsys.readouterr().err
+
+
+def test_checkpoint_pointer_that_is_not_an_object(tmp_path):
+    from wsae_core.checks import CorruptFileError
+
+    t = _trainer("topk", steps=20)
+    t.fit(until=5)
+    t.save_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "checkpoint.json").write_text("[1]")
+    with pytest.raises(CorruptFileError, match="must name a step folder like 'step_00000040_0123abcd', got None"):
+        train.Trainer.from_checkpoint(tmp_path / "ck", data.SparseSource(W_P, 0.8))
