@@ -435,3 +435,82 @@ def test_checkpoint_pointer_that_is_not_an_object(tmp_path):
     (tmp_path / "ck" / "checkpoint.json").write_text("[1]")
     with pytest.raises(CorruptFileError, match="must name a step folder like 'step_00000040_0123abcd', got None"):
         train.Trainer.from_checkpoint(tmp_path / "ck", data.SparseSource(W_P, 0.8))
+
+
+class _ScaledAt:
+    """Sparse data plus 1 (a mean far from 0), whose ``at``-th batch is multiplied by ``factor``
+    (finite: a diverging loss)."""
+
+    def __init__(self, at: int, factor: float):
+        self.source, self.at, self.factor, self.calls, self.n_p = data.SparseSource(W_P, 0.8), at, factor, 0, 4
+
+    def sample(self, n, generator=None):
+        x = self.source.sample(n, generator) + 1.0
+        x = x * self.factor if self.calls == self.at else x
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_divergence_yardstick_is_the_first_batchs_weighted_energy(weighted):
+    """The stop for a diverging loss compares with the larger of the first loss and the loss of
+    predicting 0 on the first batch, E_b[Σ_i γ_i² x_i²] (γ = 1 for a plain SAE), computed here independently."""
+    import re
+
+    from wsae_core.checks import NonFiniteError
+
+    gamma = torch.tensor([2.0, 0.5, 0.8, 1.2]) if weighted else torch.ones(4)
+    cfg = dict(steps=30, batch_size=64, lr=1e-2, warmup_steps=5, seed=11, progress=False, log_every=1)
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8, kind="relu", l1_coeff=0.0, seed=5))
+    first = data.SparseSource(W_P, 0.8).sample(64, torch.Generator().manual_seed(11)) + 1.0
+    energy = float((first.pow(2) * gamma.pow(2)).sum(1).mean())
+    with torch.no_grad():  # a decoder near 0: the first loss is about the weighted variance, below the energy
+        sae.W_dec.mul_(1e-3)
+        sae.b_dec.copy_(first.mean(0))
+        loss0 = float(((sae(first).reconstruction - first).pow(2) * gamma.pow(2)).sum(1).mean())
+    assert loss0 < energy / 2, (loss0, energy)  # so the yardstick is the energy
+    t = train.Trainer(sae, _ScaledAt(3, 1e4), train.TrainConfig(**cfg), gamma=gamma if weighted else None)
+    with pytest.raises(NonFiniteError, match="^step 3: the loss is .* times its scale .* at step 0 \\(the batch is finite") as err:
+        t.fit()
+    scale = float(re.search(r"times its scale (\S+) at step", str(err.value)).group(1))
+    assert scale == pytest.approx(energy, rel=1e-3)
+    assert t.step == 3 and len(t.history) == 3  # stopped before the optimiser step of step 3
+
+
+def test_nan_loss_from_the_weights_is_named():
+    from wsae_core.checks import NonFiniteError
+
+    t = _trainer("relu", steps=20)
+    t.fit(until=4)
+    with torch.no_grad():
+        t.model.W_dec[2, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="^step 4: the loss is (nan|inf) \\(the batch is finite: the run diverged"):
+        t.fit()
+
+
+class _BF16Source:
+    def __init__(self):
+        self.source, self.n_p = data.SparseSource(W_P, 0.8), 4
+
+    def sample(self, n, generator=None):
+        return self.source.sample(n, generator).bfloat16()
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_bf16_training_differs_from_fp32_by_rounding_only(kind):
+    """Autocast really runs in bf16 (the weights move away from the fp32 run's by bf16 rounding, 2^-8
+    relative, not more), and a bf16 data source under fp32 training is read as fp32."""
+    runs = {p: _trainer(kind, steps=20, precision=p) for p in ("fp32", "bf16")}
+    for t in runs.values():
+        t.fit()
+    a, b = _state(runs["fp32"]), _state(runs["bf16"])
+    diff = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-6)) for k in a)
+    assert 1e-5 < diff < 0.1, diff
+    t = _trainer(kind, steps=20, precision="fp32")
+    t.data = _BF16Source()
+    t.fit()
+    ref = _trainer(kind, steps=20, precision="fp32")
+    ref.data = type("Rounded", (), {"n_p": 4, "sample": lambda self, n, g=None: _BF16Source().sample(n, g).float()})()
+    ref.fit()
+    for k, v in _state(ref).items():
+        assert torch.equal(v, _state(t)[k]), k
