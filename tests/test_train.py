@@ -514,3 +514,43 @@ def test_bf16_training_differs_from_fp32_by_rounding_only(kind):
     ref.fit()
     for k, v in _state(ref).items():
         assert torch.equal(v, _state(t)[k]), k
+
+
+def test_schedule_ends_and_config_boundaries():
+    lin = train.TrainConfig(steps=102, lr=1.0, warmup_steps=1, decay="linear", final_lr_ratio=0.2)
+    assert train.lr_at(51, lin) == pytest.approx(0.6)  # linear: halfway between 1 and 0.2
+    cos = train.TrainConfig(steps=101, lr=1.0, warmup_steps=10, final_lr_ratio=0.1)
+    assert train.lr_at(100, cos) == train.lr_at(150, cos) == pytest.approx(0.1)  # past the end: stays at the end
+    short = train.TrainConfig(steps=7, lr=1.0, warmup_steps=5, final_lr_ratio=0.1)
+    assert train.lr_at(6, short) == pytest.approx(0.1)  # one decay step reaches the end
+    # Edges that are valid: a constant lr through the ratio, Adam with β1 = 0, the largest seed.
+    train.TrainConfig(final_lr_ratio=1.0, beta1=0.0, seed=2**63 - 1)
+    for kw, match in (({"seed": 2**63}, "seed must be < 2\\*\\*63"), ({"warmup_steps": -1}, "^warmup_steps must be"),
+                      ({"checkpoint_every": -1}, "^checkpoint_every must be"), ({"checkpoint_dir": ""}, "checkpoint_dir")):
+        with pytest.raises(ValueError, match=match):
+            train.TrainConfig(**kw)
+
+
+def test_trainer_fills_model_defaults_and_builds_adam_as_configured():
+    for n_p, want in ((4, 2), (2, 1)):  # AuxK's k_aux defaults to n_p // 2, at least 1
+        sae = models.build_sae(models.SAEConfig(n_p=n_p, n_m=8, kind="topk", k=1, seed=5))
+        src = data.TensorSource(torch.randn(64, n_p))
+        assert train.Trainer(sae, src, train.TrainConfig(steps=5, warmup_steps=0, progress=False)).cfg.k_aux == want
+        assert train.Trainer(sae, src, train.TrainConfig(steps=5, warmup_steps=0, progress=False, k_aux=3)).cfg.k_aux == 3
+    t = _trainer("relu", steps=5, beta1=0.5, beta2=0.9)
+    assert t.optimizer.param_groups[0]["betas"] == (0.5, 0.9) and t.steps_since_fired.dtype == torch.long
+
+    class NoWidth:  # a data source that does not say its width is taken at its word
+        def sample(self, n, generator=None):
+            return torch.randn(n, 4, generator=generator)
+
+    sae = models.build_sae(models.SAEConfig(n_p=4, n_m=8, kind="relu", seed=5))
+    train.Trainer(sae, NoWidth(), train.TrainConfig(steps=3, warmup_steps=0, progress=False)).fit()
+    with pytest.raises(ValueError, match="gamma must have length n_p = 4, got length 3"):
+        train.Trainer(sae, NoWidth(), train.TrainConfig(steps=3, warmup_steps=0, progress=False), gamma=torch.ones(3))
+
+
+def test_history_is_logged_every_log_every_steps_and_at_the_end():
+    t = _trainer("topk", steps=25)  # log_every = 10
+    t.fit()
+    assert [h["step"] for h in t.history] == [10, 20, 25]
