@@ -554,3 +554,21 @@ def test_history_is_logged_every_log_every_steps_and_at_the_end():
     t = _trainer("topk", steps=25)  # log_every = 10
     t.fit()
     assert [h["step"] for h in t.history] == [10, 20, 25]
+
+
+def test_a_loss_below_the_divergence_threshold_does_not_stop():
+    # A batch 30 times larger makes the loss about 10^3 times its first value: large, below 10^4.
+    t = train.Trainer(models.build_sae(models.SAEConfig(n_p=4, n_m=8, kind="relu", l1_coeff=0.0, seed=5)), _ScaledAt(3, 30.0),
+                      train.TrainConfig(steps=6, batch_size=64, lr=1e-2, warmup_steps=1, seed=11, progress=False, log_every=1))
+    t.fit()
+    assert t.step == 6 and t.history[3]["loss"] > 100 * t.history[0]["loss"]
+
+
+def test_nonfinite_gradient_is_named():
+    from wsae_core.checks import NonFiniteError
+
+    t = _trainer("relu", steps=20)
+    t.fit(until=3)
+    t.model.W_enc.register_hook(lambda g: g.index_fill(1, torch.tensor([2]), float("nan")))
+    with pytest.raises(NonFiniteError, match="^step 3: the gradient of W_enc has nan at \\[0, 2\\] \\(the batch is finite"):
+        t.fit()
