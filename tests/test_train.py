@@ -573,3 +573,32 @@ def test_nonfinite_gradient_is_named():
     t.model.W_enc.register_hook(lambda g: g.index_fill(1, torch.tensor([2]), float("nan")))
     with pytest.raises(NonFiniteError, match="^step 3: the gradient of W_enc has nan at \\[0, 2\\] \\(the batch is finite"):
         t.fit()
+
+
+def test_checkpoint_files_are_named_when_refused(tmp_path):
+    """Each refusal names the checkpoint and the file: altered (the manifest catches it), or crafted
+    to match a rewritten manifest (then the reader does, naming what the file should hold)."""
+    import hashlib
+
+    from wsae_core.checks import CorruptFileError
+
+    ck = tmp_path / "ck"
+    t = _trainer("topk", steps=20)
+    t.fit(until=5)
+    t.save_checkpoint(ck)
+    step = ck / json.loads((ck / "checkpoint.json").read_text())["folder"]
+    cfg = json.loads((step / "cfg.json").read_text())
+    src = data.SparseSource(W_P, 0.8)
+    original = {name: (step / name).read_bytes() for name in ("state.json", "state.safetensors")}
+    (step / "state.json").write_bytes(original["state.json"].replace(b'"step": 5', b'"step": 4'))
+    with pytest.raises(CorruptFileError, match=f"^trainer checkpoint at {step}: state.json does not match its SHA-256"):
+        train.Trainer.from_checkpoint(ck, src)
+    for name, junk, match in (("state.json", b"{not json", "\\(trainer state\\) is not valid JSON"),
+                              ("state.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", "\\(trainer state\\) is not a valid safetensors file")):
+        for other, content in original.items():
+            (step / other).write_bytes(content)
+        (step / name).write_bytes(junk)
+        files = {**cfg["files"], name: {"bytes": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}}
+        (step / "cfg.json").write_text(json.dumps({**cfg, "files": files}))
+        with pytest.raises(CorruptFileError, match=f"^{step / name} {match}"):
+            train.Trainer.from_checkpoint(ck, src)
