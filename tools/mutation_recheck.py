@@ -1,0 +1,62 @@
+"""Re-check surviving mutants against the current source and tests, after tests were written for them.
+
+mutmut keeps its results per mutant name, and a changed source file makes it start that module
+again. This applies each named survivor's change (the ``-``/``+`` lines that ``mutmut show`` prints,
+read from the clone where mutmut ran) to this checkout's module, runs the given tests, and restores
+the file: ``killed`` when a test fails, ``survived`` when none does, ``not applicable`` when the
+mutated lines no longer occur exactly once (the function changed since; check those by hand).
+
+    python tools/mutation_recheck.py --mutmut-clone ../run --module train --tests tests/test_train.py \\
+        --select "resume or checkpoint" --names survivors.json --out recheck.json
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def mutant_change(clone: Path, name: str) -> tuple[str, str]:
+    """``(old, new)`` source text of mutant ``name``, from ``mutmut show`` in ``clone``."""
+    diff = subprocess.run([str(clone / ".venv" / "bin" / "mutmut"), "show", name], cwd=clone,
+                          capture_output=True, text=True, check=True).stdout
+    lines = [line for line in diff.splitlines() if not line.startswith(("+++", "---"))]
+    return ("\n".join(line[1:] for line in lines if line.startswith("-")),
+            "\n".join(line[1:] for line in lines if line.startswith("+")))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mutmut-clone", type=Path, required=True, help="the checkout where mutmut ran (its mutants/ and .venv)")
+    p.add_argument("--module", required=True, help="wsae_core module, e.g. train")
+    p.add_argument("--tests", required=True, help="test file(s) to run, e.g. tests/test_train.py")
+    p.add_argument("--select", default=None, help="pytest -k expression (default: every test in --tests)")
+    p.add_argument("--names", type=Path, required=True, help="JSON list of mutant names")
+    p.add_argument("--out", type=Path, required=True, help="JSON {name: verdict} to write")
+    args = p.parse_args()
+    path = Path("wsae_core") / f"{args.module}.py"
+    source = path.read_text()
+    verdicts = {}
+    for name in json.loads(args.names.read_text()):
+        old, new = mutant_change(args.mutmut_clone, name)
+        if not old or source.count(old) != 1:
+            verdicts[name] = "not applicable"
+        else:
+            path.write_text(source.replace(old, new))
+            try:
+                cmd = [sys.executable, "-m", "pytest", *args.tests.split(), "-q", "-x", "-p", "no:cacheprovider"]
+                run = subprocess.run(cmd + (["-k", args.select] if args.select else []), capture_output=True, timeout=600)
+                verdicts[name] = "killed" if run.returncode else "survived"
+            except subprocess.TimeoutExpired:
+                verdicts[name] = "killed (timeout)"
+            finally:
+                path.write_text(source)
+        print(name, verdicts[name], flush=True)
+    args.out.write_text(json.dumps(verdicts, indent=1) + "\n")
+    print({v: list(verdicts.values()).count(v) for v in sorted(set(verdicts.values()))})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
