@@ -115,7 +115,7 @@ def test_two_trainer_steps_equal_adam_by_hand(kind, kw):
         assert h["lr"] == pytest.approx(lr, rel=1e-12)
         assert h["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
         if kind == "topk":
-            assert h["auxk_loss"] * train.AUXK_COEFF == pytest.approx(float(aux), rel=1e-4, abs=1e-12)
+            assert h["auxk_loss"] * train.AUXK_COEFF == pytest.approx(float(aux.detach()), rel=1e-4, abs=1e-12)
         for n, p in model.named_parameters():
             # Adam moves each entry by about lr; float32 gradients and weights agree to ~1e-6 of that
             torch.testing.assert_close(p.detach().double(), P[n], atol=2e-6, rtol=1e-5, msg=f"{kind} step {step}: {n}")
