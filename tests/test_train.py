@@ -276,20 +276,25 @@ def test_checkpoint_folder_is_created_and_cleaned(tmp_path):
     assert names[2].startswith("step_00000010_")
 
 
+def _full_disk_on(monkeypatch, writer: str, name: str) -> None:
+    """Make ``train.<writer>`` fail as a full disk does when it writes the file called ``name``."""
+    real = getattr(train, writer)
+
+    def write(path, content):
+        if path.name == name:
+            raise OSError(28, "No space left on device")
+        return real(path, content)
+
+    monkeypatch.setattr(train, writer, write)
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     ck = tmp_path / "ck"
     t = _trainer("topk", steps=20)
     t.fit(until=5)
     t.save_checkpoint(ck)
     before = sorted(p.name for p in ck.iterdir())
-    real = train.write_json
-
-    def fail_on_pointer(path, obj):
-        if path.name == "checkpoint.json":
-            raise OSError(28, "No space left on device")
-        return real(path, obj)
-
-    monkeypatch.setattr(train, "write_json", fail_on_pointer)
+    _full_disk_on(monkeypatch, "write_json", "checkpoint.json")
     t.fit(until=10)
     with pytest.raises(OSError, match="No space left"):
         t.save_checkpoint(ck)
@@ -330,14 +335,7 @@ def test_save_sae_folder_rule_and_an_interrupted_resave(tmp_path, monkeypatch):
     train.save_sae(t.model, path, gamma=torch.tensor([1.0, 0.5, 0.8, 1.2]))
     m = train.load_sae(path)
     assert m.gamma_rule == {"rule": "custom", "alpha": None} and torch.equal(m.gamma, torch.tensor([1.0, 0.5, 0.8, 1.2]))
-    real = train.write_bytes
-
-    def fail_on_weights(p, data):
-        if p.name == "model.safetensors":
-            raise OSError(28, "No space left on device")
-        return real(p, data)
-
-    monkeypatch.setattr(train, "write_bytes", fail_on_weights)
+    _full_disk_on(monkeypatch, "write_bytes", "model.safetensors")
     with pytest.raises(OSError):
         train.save_sae(t.model, path)
     # The earlier save's cfg.json went first, so the folder reads as incomplete, not as a mix of two saves.
