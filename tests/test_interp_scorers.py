@@ -69,7 +69,7 @@ def tiny_lm(tmp_path_factory):
     texts = ["the cat sat on the mat. a big red fox ran.", "years and dates: 1871, 1904, 1958.",
              "the river carried timber to the coast.", "sodium chloride dissolves in water."] * 20
     folder = L.make_tiny_gpt_neox(tmp_path_factory.mktemp("neox"), texts, n_layers=2, d_model=32, vocab_size=400)
-    return L.load_lm(folder)
+    return L.load_lm(folder, precision="fp32")  # compared with fp32 forward passes on every CPU
 
 
 def _plain_loglik(lm, prefix: str, text: str) -> float:
@@ -113,6 +113,63 @@ def test_surprisal_cache_replays_without_the_model_and_shares_neutral_likelihood
     assert replay.score('the word "cat"', ex, VOCAB) == first
     with pytest.raises(I.CacheMiss, match="not in the cache"):
         replay.score('the word "fox"', ex, VOCAB)
+
+
+def _plain_token_logprobs(lm, prefix: str, text: str) -> list[float]:
+    p = lm.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    t = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        lp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + t])).logits[0].double(), -1)
+    return [float(lp[len(p) - 1 + j, tok]) for j, tok in enumerate(t)]
+
+
+def test_surprisal_span_gain_is_the_best_mean_over_the_window_and_its_spans():
+    sc = I.SurprisalScorer(object(), model_name="m", span=4, stride=4)
+    g = [0.0] * 10 + [8.0] + [0.0] * 5  # spans start at 0, 4, 8 and 12 (the last ends at the window's end)
+    assert sc.span_gain(g) == pytest.approx(2.0)  # the span 8..11 holds the 8
+    assert sc.span_gain([0.0] * 13 + [8.0, 0.0, 0.0]) == pytest.approx(2.0)  # only the last span, 12..15, holds it
+    assert sc.span_gain([0.0] * 14 + [4.0, 4.0]) == pytest.approx(2.0)
+    assert sc.span_gain([-1.0] * 16) == pytest.approx(-1.0)
+    assert sc.span_gain([1.0, 3.0]) == pytest.approx(2.0)  # shorter than a span: the window's mean
+    assert I.SurprisalScorer(object(), model_name="m").span_gain(g) == pytest.approx(0.5)  # span None: the mean
+    # A tie-free check against a direct loop over every start that the stride allows.
+    rng = np.random.default_rng(0)
+    for n, span, stride in [(64, 8, 4), (17, 5, 3), (9, 8, 4), (30, 1, 7)]:
+        x = rng.normal(size=n)
+        sc = I.SurprisalScorer(object(), model_name="m", span=span, stride=stride)
+        starts = [*range(0, n - span, stride), n - span]
+        assert sc.span_gain(x) == pytest.approx(max(x.mean(), *(x[s:s + span].mean() for s in starts)))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        sc.span_gain([])
+    with pytest.raises(ValueError, match="span and stride must be positive integers"):
+        I.SurprisalScorer(object(), model_name="m", span=0)
+    with pytest.raises(ValueError, match="span and stride must be positive integers"):
+        I.SurprisalScorer(object(), model_name="m", span=8, stride=0)
+    a, b = I.SurprisalScorer(object(), model_name="m"), I.SurprisalScorer(object(), model_name="m", span=8)
+    assert b.identity == a.identity + ":maxp8-4"
+
+
+def test_surprisal_with_spans_scores_per_token_gains_and_replays_from_the_cache(tiny_lm, tmp_path):
+    texts = ["the cat sat on the mat. a big red fox ran.", "the river carried timber to the coast.", "1904"]
+    sc = I.SurprisalScorer(tiny_lm, batch_size=2, span=4, stride=2, store=I.JsonlStore(tmp_path / "s.jsonl"))
+    per_token = sc.token_logprobs('the word "fox"', texts)
+    for got, t in zip(per_token, texts):
+        np.testing.assert_allclose(got, _plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "fox"'), t), atol=1e-3)
+    np.testing.assert_allclose(sc.logliks('the word "fox"', texts), [sum(p) for p in per_token], atol=1e-3)
+    gains = sc.gains('the word "fox"', texts)
+    for g, t in zip(gains, texts):
+        d = np.subtract(_plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "fox"'), t),
+                        _plain_token_logprobs(tiny_lm, I.surprisal_prefix(I.NEUTRAL_DESCRIPTION), t))
+        assert g == pytest.approx(sc.span_gain(d), abs=2e-3)
+    assert gains[0] >= np.mean(np.subtract(per_token[0], sc._neutral_tokens(texts[:1])[0])) - 1e-4
+    kinds = sorted(json.loads(l)["kind"] for l in (tmp_path / "s.jsonl").read_text().splitlines())
+    assert kinds == ["explained", "neutral tokens", "neutral tokens", "neutral tokens"]
+    replay = I.SurprisalScorer(lambda: (_ for _ in ()).throw(AssertionError("model loaded")), model_name=tiny_lm.name,
+                               span=4, stride=2, store=I.JsonlStore(tmp_path / "s.jsonl", allow_miss=False))
+    assert replay.gains('the word "fox"', texts) == gains
+    whole = I.SurprisalScorer(tiny_lm, model_name=tiny_lm.name, store=I.JsonlStore(tmp_path / "s.jsonl", allow_miss=False))
+    with pytest.raises(I.CacheMiss):  # another identity: the spans' entries are never read as whole windows
+        whole.gains('the word "fox"', texts)
 
 
 def test_embedding_scorer_prefers_the_matching_contexts(tmp_path):
@@ -504,3 +561,23 @@ def test_explainer_difference_is_paired_by_seed_and_latent():
         E.explainer_difference(run(0, "smollm2", smol), run(1, "baseline", base))
     with pytest.raises(ValueError, match="embedding_smollm2"):
         E.explainer_difference(run(0, "baseline", base), run(0, "baseline", base))
+
+
+def test_the_compute_precision_is_part_of_the_cache_identity():
+    """A judge's and a likelihood scorer's cached numbers are fp32 ones by default on every CPU ("auto"
+    would run bf16 on an AMX CPU and fp32 on an AVX2 one under one identity); bf16 compute gets
+    its own identity, and a lazily given model that computes otherwise than declared is refused."""
+    fp32 = I.HFChatClient(batch_size=2)
+    assert fp32.identity == "hf:smollm2-135m-instruct-gguf-q4_1:float32" and fp32.compute_dtype == torch.float32
+    assert I.HFChatClient(precision="bf16").identity == fp32.identity + ":bf16-autocast"
+    assert I.HFChatClient(dtype="bfloat16").identity == "hf:smollm2-135m-instruct-gguf-q4_1:bfloat16"
+    plain = I.SurprisalScorer(None)
+    assert I.SurprisalScorer(None, precision="bf16").identity == plain.identity + ":bf16-autocast"
+
+    class Loaded:
+        name, compute_dtype = "m", torch.bfloat16
+
+    assert I.SurprisalScorer(Loaded()).identity.endswith(":bf16-autocast")  # a loaded model brings its own
+    lazy = I.SurprisalScorer(lambda: Loaded(), model_name="m")
+    with pytest.raises(ValueError, match="computes in torch.bfloat16 but this scorer was made for torch.float32"):
+        lazy.lm

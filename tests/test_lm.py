@@ -23,7 +23,9 @@ def docs():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, docs):
     folder = L.make_tiny_gpt_neox(tmp_path_factory.mktemp("neox"), [d.text for d in docs[:200]], n_layers=3, d_model=32)
-    return L.load_lm(folder)
+    # fp32 on every CPU: these tests compare with the model's own fp32 forward ("auto" would run bf16
+    # on an AMX CPU; tests/test_bf16_io.py compares the two precisions).
+    return L.load_lm(folder, precision="fp32")
 
 
 @pytest.fixture(scope="module")

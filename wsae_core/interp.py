@@ -547,6 +547,13 @@ def _check_messages(messages: Any) -> Messages:
     return list(messages)
 
 
+def _compute_suffix(compute_dtype: Any, weights: str = "float32") -> str:
+    """What a cache identity adds for bf16 compute over weights of another dtype ("" for fp32)."""
+    import torch
+
+    return ":bf16-autocast" if compute_dtype == torch.bfloat16 and weights != "bfloat16" else ""
+
+
 class HFChatClient(ChatClient):
     """A local Hugging Face chat model through transformers: chat template, greedy decoding, and
     option scoring from the next-token log-probabilities.
@@ -555,19 +562,32 @@ class HFChatClient(ChatClient):
     loaded through :func:`wsae_core.lm.load_lm`), a hub id (``meta-llama/Llama-3.1-8B-Instruct``),
     a local folder, or an already loaded :class:`wsae_core.lm.LM`. The model is loaded on first use,
     so a :class:`CachedClient` that finds every answer in its cache never loads it.
+
+    ``precision``: the forward passes' compute precision (:func:`wsae_core.models.choose_precision`).
+    ``"fp32"`` by default, so that a judge's cached answers are the same numbers on every CPU (under
+    ``"auto"``, an AMX CPU would run bf16 and an AVX2 CPU fp32); bf16 compute is part of
+    :attr:`identity`, so its answers never replay as fp32 ones.
     """
 
     def __init__(self, model: Any = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
-                 max_prompt_tokens: int = 2048):
+                 max_prompt_tokens: int = 2048, precision: str = "fp32"):
         from .lm import SMOLLM2
+        from .models import choose_precision
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._lm = model if hasattr(model, "tokenizer") and hasattr(model, "model") else None
         self.model_name = self._lm.name if self._lm is not None else (SMOLLM2 if model is None else str(model))
         self.device, self.dtype, self.batch_size, self.max_prompt_tokens = device, dtype, batch_size, max_prompt_tokens
+        self.precision = precision
+        if self._lm is not None:
+            self.compute_dtype = self._lm.compute_dtype
+        else:
+            import torch
+
+            self.compute_dtype = torch.bfloat16 if dtype == "bfloat16" else choose_precision(precision, device).dtype
         quant = "-gguf-q4_1" if self.model_name == SMOLLM2 else ""
-        self.identity = f"hf:{self.model_name}{quant}:{dtype}"
+        self.identity = f"hf:{self.model_name}{quant}:{dtype}" + _compute_suffix(self.compute_dtype, dtype)
 
     @property
     def lm(self):
@@ -577,7 +597,7 @@ class HFChatClient(ChatClient):
             from .lm import load_lm
 
             self._lm = load_lm(None if self.model_name.startswith("smollm2") else self.model_name,
-                               device=self.device, dtype=getattr(torch, self.dtype))
+                               device=self.device, dtype=getattr(torch, self.dtype), precision=self.precision)
         return self._lm
 
     def _encode(self, messages: Messages) -> list[int]:
@@ -1281,21 +1301,44 @@ class SurprisalScorer:
     ``lm``: a :class:`wsae_core.lm.LM`, a function returning one (e.g. the explainer's, so both share
     one model, loaded on first use), or None to load SmolLM2-135M-Instruct on first use (a replay
     from ``store`` never loads it).
+
+    ``span``: None (the first version) scores a context by its whole window's gain per token. An
+    integer: by the largest mean gain per token over the whole window and over its spans of ``span``
+    tokens (``stride`` apart, the last ending at the window's end), max-passage scoring as in
+    :class:`EmbeddingScorer`: a latent that fires on one word raises the likelihood of that word,
+    a few tokens of a window of 64, and the window's mean dilutes it among the others. The neutral
+    likelihoods are then kept per token (``store``: one entry per context) and each explanation's
+    entry holds the per-context gains.
     """
 
-    def __init__(self, lm: Any = None, *, store: JsonlStore | None = None, batch_size: int = 16, model_name: str | None = None):
+    def __init__(self, lm: Any = None, *, store: JsonlStore | None = None, batch_size: int = 16,
+                 model_name: str | None = None, span: int | None = None, stride: int = 4, precision: str = "fp32"):
+        import torch
+
         from .lm import SMOLLM2
+        from .models import choose_precision
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if span is not None and not (isinstance(span, int) and span >= 1 and isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"span and stride must be positive integers (span may be None), got {span!r}, {stride!r}")
         self._lm = lm
         self.model_name = model_name or getattr(lm, "name", None) or SMOLLM2
+        self.span, self.stride = span, stride
         quant = "-gguf-q4_1" if self.model_name == SMOLLM2 else ""
         # The prompt is part of the identity: a changed prompt never replays old numbers.
         self.identity = f"surprisal:{self.model_name}{quant}:{_key([SURPRISAL_SHOTS, NEUTRAL_DESCRIPTION, 'gain per token'])[:8]}"
+        if span is not None:
+            self.identity += f":maxp{span}-{stride}"
+        # ``precision`` as in HFChatClient: fp32 by default, so cached likelihoods agree across CPUs;
+        # a model already loaded brings its own. A model given lazily must match (checked on first use).
+        given = getattr(lm, "compute_dtype", None)
+        self.compute_dtype = given if isinstance(given, torch.dtype) else choose_precision(precision).dtype
+        self.precision = precision
+        self.identity += _compute_suffix(self.compute_dtype)
         self.store, self.batch_size = store, int(batch_size)
         self._shots = None
-        self._neutral: dict[str, float] = {}
+        self._neutral: dict[str, dict[str, list[float]]] = {}
         self.seconds_model = 0.0
         self.tokens_run = 0
 
@@ -1304,9 +1347,13 @@ class SurprisalScorer:
         if self._lm is None:
             from .lm import load_lm
 
-            self._lm = load_lm(self.model_name)
+            self._lm = load_lm(self.model_name, precision=self.precision)
         elif callable(self._lm):
             self._lm = self._lm()
+            got = getattr(self._lm, "compute_dtype", None)
+            if got is not None and got != self.compute_dtype:
+                raise ValueError(f"the language model computes in {got} but this scorer was made for {self.compute_dtype} "
+                                 f"(precision={self.precision!r}): its cached likelihoods would be labelled wrongly")
         return self._lm
 
     def _ids(self, text: str) -> list[int]:
@@ -1353,6 +1400,11 @@ class SurprisalScorer:
         return [v for v, _ in self._logliks(description, texts)]
 
     def _logliks(self, description: str, texts: Sequence[str]) -> list[tuple[float, int]]:
+        return [(sum(lp), len(lp)) for lp in self.token_logprobs(description, texts)]
+
+    def token_logprobs(self, description: str, texts: Sequence[str]) -> list[list[float]]:
+        """``log p(token | surprisal_prefix(description), the text's earlier tokens)`` of each token of
+        each text (nats)."""
         import torch
 
         t0 = time.perf_counter()
@@ -1372,37 +1424,71 @@ class SurprisalScorer:
             logits, _ = self._run(ids, kv, P)
             lp = torch.log_softmax(logits.float(), -1).cpu()
             for i, s in enumerate(batch):
-                total = float(last[s[0]])
-                if len(s) > 1:
-                    total += float(lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
-                out.append((total, len(s)))
+                out.append([float(last[s[0]]), *lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].tolist()])
         self.seconds_model += time.perf_counter() - t0
         return out
 
     def _neutral_logliks(self, texts: Sequence[str]) -> list[list[float]]:
         """``[sum of log-probabilities, number of tokens]`` of each text under the neutral prompt."""
-        keys = {t: _key([self.identity, "neutral", t]) for t in texts}
+        return self._cached_neutral("neutral", texts, lambda todo: [[round(v, 4), n] for v, n in self._logliks(NEUTRAL_DESCRIPTION, todo)])
+
+    def _neutral_tokens(self, texts: Sequence[str]) -> list[list[float]]:
+        """Per-token log-probabilities (4 decimals) of each text under the neutral prompt."""
+        return self._cached_neutral("neutral tokens", texts,
+                                    lambda todo: [[round(v, 4) for v in lp] for lp in self.token_logprobs(NEUTRAL_DESCRIPTION, todo)])
+
+    def _cached_neutral(self, kind: str, texts: Sequence[str], compute) -> list[list[float]]:
+        """``kind``'s entry of each text: from memory, else from ``store``, else ``compute(the missing
+        texts)`` once for all of them (then stored): computed once per text, reused by every explanation."""
+        keys = {t: _key([self.identity, kind, t]) for t in texts}
+        memo = self._neutral.setdefault(kind, {})
         todo = []
         for t in dict.fromkeys(texts):
-            if t in self._neutral:
+            if t in memo:
                 continue
             got = self.store.get(keys[t]) if self.store is not None else None
             if got is not None:
-                self._neutral[t] = got
+                memo[t] = got
             else:
                 if self.store is not None:
                     self.store.miss(keys[t])
                 todo.append(t)
         if todo:
-            for t, (v, n) in zip(todo, self._logliks(NEUTRAL_DESCRIPTION, todo)):
-                self._neutral[t] = [round(v, 4), n]
+            for t, value in zip(todo, compute(todo)):
+                memo[t] = value
                 if self.store is not None:
-                    self.store.put(keys[t], "neutral", None, self._neutral[t])
-        return [self._neutral[t] for t in texts]
+                    self.store.put(keys[t], kind, None, value)
+        return [memo[t] for t in texts]
+
+    def span_gain(self, gain: Sequence[float]) -> float:
+        """A context's score from its per-token gains: the largest mean over the whole window and over
+        its spans of ``span`` tokens (``stride`` apart, the last ending at the window's end)."""
+        g = np.asarray(gain, dtype=np.float64)
+        if g.ndim != 1 or g.size == 0:
+            raise ValueError(f"per-token gains must be a non-empty 1-D sequence, got shape {g.shape}")
+        best = float(g.mean())
+        n = g.size
+        if self.span is not None and n > self.span:
+            for s in dict.fromkeys([*range(0, n - self.span, self.stride), n - self.span]):
+                best = max(best, float(g[s : s + self.span].mean()))
+        return best
 
     def gains(self, explanation: str, texts: Sequence[str]) -> list[float]:
         """``(log p(text | explanation) - log p(text | neutral)) / tokens`` per text (nats per token,
-        4 decimals): per token, so that the length of a window does not weigh in."""
+        4 decimals): per token, so that the length of a window does not weigh in. With ``span``: the
+        largest such mean over the window and its spans (:meth:`span_gain`)."""
+        if self.span is not None:
+            key = _key([self.identity, "explained", explanation, list(texts)])
+            got = self.store.get(key) if self.store is not None else None
+            if got is None:
+                if self.store is not None:
+                    self.store.miss(key)
+                neutral = self._neutral_tokens(texts)
+                explained = self.token_logprobs(explanation, texts)
+                got = [round(self.span_gain(np.subtract(e, n)), 4) for e, n in zip(explained, neutral)]
+                if self.store is not None:
+                    self.store.put(key, "explained", None, got)
+            return list(got)
         neutral = self._neutral_logliks(texts)
         key = _key([self.identity, "explained", explanation, list(texts)])
         got = self.store.get(key) if self.store is not None else None

@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sae-seeds", type=int, nargs="+", default=None, help="score: only the SAEs of these seeds")
     parser.add_argument("--latents", type=int, default=100, help="score: latents per entry")
     parser.add_argument("--scorers", default="surprisal,embedding", help="gates/score: comma-separated, from surprisal,embedding")
+    parser.add_argument("--surprisal-span", type=int, default=SURPRISAL_OPTIONS["span"],
+                        help="gates/score: the surprisal scorer's span in tokens (max-passage); 0: whole windows only")
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
     parser.add_argument("--client", choices=["hf", "openai", "fake"], default="hf")
     parser.add_argument("--model", default=None, help="chat model: hub id / folder (hf) or served name (openai)")
@@ -518,6 +520,9 @@ GATE_SEEDS = (0, 1, 2)
 #: passes on both sets (:func:`table_scorers`).
 FRESH_SEEDS = (200, 201, 202)
 SCORERS = ("surprisal", "embedding")
+#: The surprisal scorer's spans (:class:`wsae_core.interp.SurprisalScorer`): max-passage over spans of 8
+#: tokens, 4 apart, the spans of the embedding scorer. ``{"span": None}``: whole windows (the first version).
+SURPRISAL_OPTIONS = {"span": 8, "stride": 4}
 EXPLAINERS = ("baseline", "smollm2")
 
 
@@ -600,13 +605,14 @@ class Scoring:
     on the run's corpus sample; ``"smollm2"``: the chat model's explanation through the cached
     client). ``scorers``: names from :data:`SCORERS`. ``allow_miss=False``: replay the cache only
     (raises :class:`wsae_core.interp.CacheMiss` instead of running a model). ``baseline_options`` and
-    ``embedding_options``: keyword arguments of :class:`wsae_core.interp.BaselineExplainer` and
-    :class:`wsae_core.interp.EmbeddingScorer` (e.g. their first versions, to replay old results).
+    ``embedding_options``, ``surprisal_options``: keyword arguments of :class:`wsae_core.interp.BaselineExplainer`,
+    :class:`wsae_core.interp.EmbeddingScorer` and :class:`wsae_core.interp.SurprisalScorer` (e.g. their
+    first versions, to replay old results; the surprisal default is :data:`SURPRISAL_OPTIONS`).
     """
 
     def __init__(self, explainers=EXPLAINERS, scorers=SCORERS, *, cache_dir: str | Path | None = None,
                  allow_miss: bool = True, device: str = "cpu", baseline_options: dict | None = None,
-                 embedding_options: dict | None = None):
+                 embedding_options: dict | None = None, surprisal_options: dict | None = None):
         bad = [e for e in explainers if e not in EXPLAINERS] + [s for s in scorers if s not in SCORERS]
         if bad:
             raise ValueError(f"explainers must be among {EXPLAINERS} and scorers among {SCORERS}, got {bad}")
@@ -617,7 +623,8 @@ class Scoring:
         self.scorers: dict[str, Any] = {}
         if "surprisal" in scorers:
             # One SmolLM2 for explaining and for likelihoods, loaded only on a cache miss.
-            surprisal = I.SurprisalScorer(lambda: inner.lm, model_name=inner.model_name)
+            surprisal = I.SurprisalScorer(lambda: inner.lm, model_name=inner.model_name, precision=inner.precision,
+                                          **(SURPRISAL_OPTIONS if surprisal_options is None else surprisal_options))
             surprisal.store = I.scorer_store(surprisal.identity, cache_dir, allow_miss=allow_miss)
             self.scorers["surprisal"] = surprisal
         if "embedding" in scorers:
@@ -1075,8 +1082,11 @@ def _main_scorers(args, profile: Profile) -> int:
     explainers = tuple(e for e in args.explainers.split(",") if e)
     scorers = tuple(x for x in args.scorers.split(",") if x)
     folder = Path(args.out) if args.out else results_path("x", profile).parent
+    if args.surprisal_span < 0:
+        raise SystemExit(f"--surprisal-span must be 0 (whole windows) or a positive number of tokens, got {args.surprisal_span}")
+    options = {"surprisal_options": dict(SURPRISAL_OPTIONS, span=args.surprisal_span or None)}
     if args.what == "gates":
-        scoring = Scoring(explainers, scorers, device=args.device)
+        scoring = Scoring(explainers, scorers, device=args.device, **options)
         runs = []
         for seed in args.seeds:
             runs.append(run_scorer_calibration(PlantedSpec(seed=seed), scoring, verbose=True))
@@ -1097,7 +1107,7 @@ def _main_scorers(args, profile: Profile) -> int:
         entries = [e for e in entries if e.seed in args.sae_seeds]
     spec = ScoreSpec(n_latents=args.latents, explainers=explainers, scorers=scorers)
     path = folder / scores_file(profile, scorers)
-    res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device), path=path, verbose=True)
+    res = run_scores(entries, spec, scoring=Scoring(explainers, scorers, device=args.device, **options), path=path, verbose=True)
     for e in explainers:
         for s in scorers:
             print(f"{s}, {e} explainer\n{auroc_markdown(res, s, e)}")
