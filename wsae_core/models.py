@@ -324,9 +324,14 @@ class _FusedReluSAE(torch.autograd.Function):
             err = rec - x
             B = x.shape[0]
             recon = (err.pow(2).sum(0) * w2).sum() / B
-            sparse = lat.sum(dtype=torch.float32) * (l1 / B) if l1 else recon.new_zeros(())
+            # Column sums in the latents' dtype (accumulated in fp32 inside the reduction; a bf16
+            # tensor summed with dtype=float32 would first be copied whole to fp32), then in fp32.
+            sparse = lat.sum(0).float().sum() * (l1 / B) if l1 else recon.new_zeros(())
         ctx.save_for_backward(x, W_enc, Wd, b_dec, w2, lat, err)
         ctx.l1, ctx.dtype = l1, dtype
+        # Outputs the loss does not use (the latents, usually) get None, not a (batch, n_m) tensor of
+        # zeros that the backward would have to add.
+        ctx.set_materialize_grads(False)
         return lat, rec, recon, sparse
 
     @staticmethod
@@ -335,18 +340,23 @@ class _FusedReluSAE(torch.autograd.Function):
         dtype = ctx.dtype
         B = x.shape[0]
         # d recon / d rec = 2 w2 err / B; upstream grads of the returned lat/rec are added when used.
-        g_err = err * (w2 * (2.0 * g_recon / B))
-        g_rec = g_err if g_rec_out is None else g_err + g_rec_out
+        g_err = None if g_recon is None else err * (w2 * (2.0 * g_recon / B))
+        g_rec = g_err if g_rec_out is None else g_rec_out if g_err is None else g_err + g_rec_out
+        if g_rec is None:
+            g_rec = torch.zeros_like(err)
         g_rec_c = g_rec.to(dtype)
         grad_W_dec = (lat.T @ g_rec_c).float()
         grad_b_dec = g_rec.sum(0)
-        g_pre = g_rec_c @ Wd.T
-        if ctx.l1:
-            g_pre.add_(g_sparse * ctx.l1 / B)
+        if ctx.l1 and g_sparse is not None:  # the L1 gradient, a constant per entry, added by the GEMM
+            shift = (g_sparse * (ctx.l1 / B)).to(dtype).expand(lat.shape[1])
+            g_pre = torch.addmm(shift, g_rec_c, Wd.T)
+        else:
+            g_pre = g_rec_c @ Wd.T
         if g_lat_out is not None:
             g_pre.add_(g_lat_out.to(dtype))
-        g_pre.masked_fill_(lat <= 0, 0.0)
-        gs = g_pre.sum(0, dtype=torch.float32)
+        # ReLU's backward in place and in one pass (zero where the latent is 0), not a mask and a fill
+        torch.ops.aten.threshold_backward.grad_input(g_pre, lat, 0, grad_input=g_pre)
+        gs = g_pre.sum(0).float()  # as in the forward: no fp32 copy of the (batch, n_m) tensor
         if dtype == torch.float32:
             grad_W_enc = torch.addmm(torch.outer(gs, b_dec), g_pre.T, x, alpha=1.0, beta=-1.0)
         else:
@@ -354,7 +364,9 @@ class _FusedReluSAE(torch.autograd.Function):
         grad_b_dec = grad_b_dec - gs @ W_enc
         grad_x = None
         if ctx.needs_input_grad[0]:  # x enters through the pre-activations and, in recon only, through err
-            grad_x = g_pre.float() @ W_enc - g_err
+            grad_x = g_pre.float() @ W_enc
+            if g_err is not None:
+                grad_x = grad_x - g_err
         return grad_x, grad_W_enc, gs, grad_W_dec, grad_b_dec, None, None, None
 
 
