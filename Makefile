@@ -23,8 +23,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
-# glibc returns big buffers to the OS and re-faults them every training step; keep them.
+# glibc returns big buffers to the OS and re-faults them every training step; keep them: no mmap for
+# large blocks, and no trimming of the heap's top when they are freed (a fresh 200 MB GEMM output
+# costs twice the GEMM on the Xeon type when its pages are faulted in again; benchmarks/README.md).
 export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
 .PHONY: help setup browser book test unit notebooks mutation clean
 

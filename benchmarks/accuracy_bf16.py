@@ -64,21 +64,47 @@ def print_table(title: str, table: list[dict], keys: tuple[str, ...]) -> None:
 
 
 def synthetic(args) -> dict:
-    from wsae_core.experiments.synthetic import run_synthetic, spec_for
+    """The synthetic chapter's setting (its ``book`` sizes), each run trained alone with the Trainer
+    in fp32 and under bf16 autocast: the chapter itself trains its runs stacked, in fp32 only."""
+    import torch
+
+    from wsae_core.data import SparseSource, synthetic_superposition
+    from wsae_core.experiments.synthetic import _record, gammas_for, spec_for, topk_k
+    from wsae_core.models import SAEConfig, build_sae
+    from wsae_core.train import TrainConfig, Trainer
 
     S_grid = tuple(float(s) for s in args.S.split(","))
     seeds = tuple(range(args.seeds))
-    rows, seconds = [], {}
-    for precision in ("fp32", "bf16"):
-        spec = spec_for("book", S_grid=S_grid, seeds=seeds, methods=("SAE", "WSAE α=1"), precision=precision,
-                        steps=args.synthetic_steps)
-        t = time.perf_counter()
-        recs = run_synthetic(spec)
-        seconds[precision] = time.perf_counter() - t
-        rows += [{**r, "precision": precision} for r in recs]
+    methods = ("SAE", "WSAE α=1")
+    spec = spec_for("book", S_grid=S_grid, seeds=seeds, methods=methods, steps=args.synthetic_steps)
+    W_p = synthetic_superposition(spec.superposition, spec.n, spec.n_p, seed=spec.W_p_seed)
+    rows, seconds = [], {"fp32": 0.0, "bf16": 0.0}
+    for model in spec.models:
+        for S in S_grid:
+            for seed in seeds:
+                gammas = gammas_for(W_p, S, seed, spec.eval_samples, methods=methods)
+                x, _ = SparseSource(W_p, S).sample_pair(spec.eval_samples, torch.Generator().manual_seed(20_000 + seed))
+                k = topk_k(spec.n, S, spec.n_m) if model == "topk" else None
+                for method in methods:
+                    for precision in ("fp32", "bf16"):
+                        cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+                                          warmup_steps=min(50, spec.steps // 10), seed=seed, log_every=spec.log_every,
+                                          dead_steps=spec.dead_steps, progress=False, threads=1, precision=precision)
+                        sae = build_sae(SAEConfig(n_p=spec.n_p, n_m=spec.n_m, kind=model, k=k, seed=seed))
+                        g = None if method == "SAE" else torch.as_tensor(gammas[method], dtype=torch.float32)
+                        t = time.perf_counter()
+                        trainer = Trainer(sae, SparseSource(W_p, S), cfg, gamma=g)
+                        hist = trainer.fit()
+                        seconds[precision] += time.perf_counter() - t
+                        with torch.no_grad():
+                            rec = _record(sae, x, W_p, hist, trainer.steps_since_fired, cfg,
+                                          {"S": S, "seed": seed, "model": model, "method": method}, gammas[method])
+                        rows.append({key: rec[key] for key in ("S", "seed", "model", "method", "l_gt", "fvu")}
+                                    | {"precision": precision})
     table = compare(rows, ("model", "S", "method"), ("l_gt", "fvu"))
-    print_table(f"Synthetic (n = 200, n_p = 20, n_m = 200, {args.synthetic_steps} steps, batch 512; {len(seeds)} seeds; "
-                f"fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s)", table, ("model", "S", "method"))
+    print_table(f"Synthetic (n = {spec.n}, n_p = {spec.n_p}, n_m = {spec.n_m}, {spec.steps} steps, batch "
+                f"{spec.batch_size}; {len(seeds)} seeds; fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s)",
+                table, ("model", "S", "method"))
     return {"rows": rows, "table": table, "seconds": seconds}
 
 

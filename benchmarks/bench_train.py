@@ -21,8 +21,9 @@ Suites (one step = forward + loss + backward + Adam + the library's own decoder-
 
 Fairness: all contenders run in one process, in interleaved rounds (each round runs every contender's
 steps once, so machine load hits all alike; the table gives the median), with the same
-``MALLOC_MMAP_MAX_`` (the script re-executes itself with ``MALLOC_MMAP_MAX_=0`` unless ``--mmap-max``
-says otherwise: glibc reads it at start-up), the same ``torch.set_flush_denormal(True)`` (importing
+``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` (the script re-executes itself with
+``MALLOC_MMAP_MAX_=0`` and a trim threshold of 64 GiB unless ``--mmap-max`` / ``--trim-threshold`` say
+otherwise: glibc reads them at start-up), the same ``torch.set_flush_denormal(True)`` (importing
 ``wsae_core.train`` sets it), the same thread count and the same optimiser (torch's fused Adam, the one
 wsae_core's trainer uses). bf16 = ``torch.autocast("cpu", torch.bfloat16)`` around each forward, fp32
 master weights; where bf16 is emulated (AVX2-only CPUs) the bf16 suites run at ``--bf16-batch``.
@@ -42,9 +43,17 @@ import sys
 import time
 
 
-def _reexec_with_mmap(value: str) -> None:
-    if os.environ.get("MALLOC_MMAP_MAX_") != value and os.environ.get("_BENCH_REEXEC") != "1":
-        env = dict(os.environ, MALLOC_MMAP_MAX_=value, _BENCH_REEXEC="1")
+#: glibc's trim threshold while benchmarking: never give the heap's top back to the OS, so a freed
+#: (batch, n_m) buffer is reused by the next step instead of being faulted in again.
+TRIM_THRESHOLD = "68719476736"
+
+
+def _reexec_with_mmap(value: str, trim: str = TRIM_THRESHOLD) -> None:
+    """Re-execute this script with ``MALLOC_MMAP_MAX_=value`` and ``MALLOC_TRIM_THRESHOLD_=trim``
+    (glibc reads them at start-up); every contender then runs under the same allocator settings."""
+    want = {"MALLOC_MMAP_MAX_": value, "MALLOC_TRIM_THRESHOLD_": trim}
+    if any(os.environ.get(k) != v for k, v in want.items()) and os.environ.get("_BENCH_REEXEC") != "1":
+        env = dict(os.environ, **want, _BENCH_REEXEC="1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -313,11 +322,12 @@ def main(argv=None) -> int:
     p.add_argument("--lm-contexts", type=int, default=8, help="contexts of the fp32 LM forward")
     p.add_argument("--lm-bf16-contexts", type=int, default=8, help="contexts of the bf16 LM forward")
     p.add_argument("--lm-rounds", type=int, default=3)
-    p.add_argument("--mmap-max", default="0", help="MALLOC_MMAP_MAX_ for the process ('keep' = leave as is)")
+    p.add_argument("--mmap-max", default="0", help="MALLOC_MMAP_MAX_ for the process ('keep' = leave both as they are)")
+    p.add_argument("--trim-threshold", default=TRIM_THRESHOLD, help="MALLOC_TRIM_THRESHOLD_ for the process (bytes)")
     p.add_argument("--json", default=None, help="also write every timing to this file")
     args = p.parse_args(argv)
     if args.mmap_max != "keep":
-        _reexec_with_mmap(args.mmap_max)
+        _reexec_with_mmap(args.mmap_max, args.trim_threshold)
 
     import torch
 
@@ -338,6 +348,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), torch capability "
           f"{torch.backends.cpu.get_cpu_capability()}; {', '.join(f'{k} {v}' for k, v in versions.items())}")
     print(f"threads {torch.get_num_threads()}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, "
+          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}, "
           f"flush_denormal on, load average at start {os.getloadavg()[0]:.1f}")
     print(f'precision="auto" here: {"bf16" if auto.dtype == torch.bfloat16 else "fp32"} ({auto.reason})')
     print(f"{args.rounds} interleaved rounds x {args.steps} step(s) per contender, median reported")

@@ -297,6 +297,7 @@ def test_sweep_ci_end_to_end(tmp_path):
     SAE, files written; a rerun skips finished cells, and a cell whose metrics were lost is redone
     alone, to the same numbers."""
     from wsae_core.experiments import lm as X
+    from wsae_core.models import choose_precision
     from wsae_core.train import load_sae
 
     spec = X.spec_for("ci", layers=(1,), methods=("SAE", "WSAE α=1", "WSAE learned oracle"), seeds=(0, 1),
@@ -309,6 +310,9 @@ def test_sweep_ci_end_to_end(tmp_path):
                     "embedding_coherence", "topic_consistency_chance", "fvu_change_last_quarter"):
             assert r[key] is not None and np.isfinite(r[key]), key
         assert 0 < r["l0"] <= spec.k and 0 <= r["dead"] <= 1 and r["kl"] >= 0
+        # what computed it is recorded: bf16 where this CPU's "auto" picks it, else fp32
+        auto = "bf16" if choose_precision("auto").dtype == torch.bfloat16 else "fp32"
+        assert r["train_precision"] == auto and r["lm_precision"] in ("fp32", "bf16")
         assert r["curve"]["step"][-1] == spec.steps and r["curve"]["held_out_fvu"][-1] == pytest.approx(r["fvu"], rel=1e-6)
         assert r["converged"] == (max(r["fvu_change_last_quarter"], r["ce_recovered_change_last_quarter"]) < 0.05)
         sae = load_sae(r["sae_dir"])

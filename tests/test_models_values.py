@@ -106,3 +106,29 @@ def test_auxk_k_aux_default_and_smallest():
             assert default == pytest.approx(float(m(x, dead_mask=dead, k_aux=3).auxk_loss), rel=1e-6)
             assert default != pytest.approx(float(m(x, dead_mask=dead, k_aux=2).auxk_loss), rel=1e-3)
             assert float(m(x, dead_mask=dead, k_aux=1).auxk_loss) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_rows_is_torch_topk(dtype):
+    """The fused Top-k's selection from a candidate set gives torch.topk's values (and positions,
+    where no values tie), including rows whose largest entries crowd into few columns of its view,
+    rows of equal values, and sizes where it falls back to torch.topk."""
+    from wsae_core.models import _TOPK_SLICES, _topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    for B, n_m, k in [(64, 4608, 32), (16, 24576, 32), (8, 512, 7), (5, 100, 3), (3, 64, 8)]:
+        pre = torch.randn(B, n_m, generator=g).to(dtype)
+        C = n_m // _TOPK_SLICES
+        if n_m % _TOPK_SLICES == 0 and B > 2:
+            pre[0, ::C] = 100.0 + torch.arange(_TOPK_SLICES, dtype=dtype)  # one column holds the largest entries
+            pre[1] = 1.0  # all equal
+            pre[2, : 2 * k] = torch.linspace(50, 60, 2 * k).to(dtype)  # the largest in few adjacent columns
+        vals, idx = _topk_rows(pre, k)
+        ref_vals, ref_idx = pre.topk(k, dim=1, sorted=False)
+        assert vals.dtype == dtype and idx.dtype == torch.int64 and vals.shape == idx.shape == (B, k)
+        assert torch.equal(vals.sort(1).values, ref_vals.sort(1).values), (B, n_m, k)
+        assert torch.equal(pre.gather(1, idx), vals)
+        assert all(len(set(r.tolist())) == k for r in idx)  # k distinct latents per row
+        if dtype == torch.float32:  # continuous values: no ties outside the planted rows
+            rows = slice(3, None) if n_m % _TOPK_SLICES == 0 and B > 2 else slice(None)
+            assert torch.equal(idx[rows].sort(1).values, ref_idx[rows].sort(1).values)

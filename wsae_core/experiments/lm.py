@@ -657,7 +657,10 @@ def _read_done(sw: Sweep, cell: Cell) -> dict | None:
 def run_cell(sw: Sweep, cell: Cell, *, verbose: bool = False) -> dict:
     """Train and measure one cell unless its ``metrics.json`` exists (the commit point, written last
     and atomically after the SAE): returns the cell's record."""
+    import torch
+
     from .. import distributed as D
+    from ..models import choose_precision
     from ..train import save_sae
 
     done = _read_done(sw, cell)
@@ -689,6 +692,9 @@ def run_cell(sw: Sweep, cell: Cell, *, verbose: bool = False) -> dict:
            "gamma_effective_dims": float(sw.lm.d_model if gamma is None else gamma.pow(2).sum() ** 2 / gamma.pow(4).sum()),
            "gamma": None if gamma is None else [round(float(g), 5) for g in gamma],
            "seconds": {"gamma": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2}, "rank": D.rank_and_world()[0],
+           # What computed it: the trainer's precision ("auto", as TrainConfig's default) and the LM forward's.
+           "train_precision": "bf16" if choose_precision("auto", sw.spec.device).dtype == torch.bfloat16 else "fp32",
+           "lm_precision": sw.cache.meta.get("key", {}).get("forward", "fp32"),
            "curve": curve, "sae_dir": str(sae_dir)}
     _write_json_atomic(folder / "metrics.json", rec)
     if verbose:
