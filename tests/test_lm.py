@@ -408,3 +408,30 @@ def test_book_results_recomputed_from_the_per_seed_records():
             g2 = np.square(np.array(r["gamma"]))
             assert g2.mean() == pytest.approx(1, abs=1e-4)
             assert r["gamma_effective_dims"] == pytest.approx(g2.sum() ** 2 / np.square(g2).sum(), rel=1e-4)
+
+
+def test_compare_runs_and_changed_verdicts_on_planted_results():
+    """Two runs of one sweep: per (rule, layer, metric) the seed means, the difference, the first
+    run's seed spread and the paired standard error, computed here by hand; and the verdicts that
+    change (a WSAE clearly worse in one run, indistinguishable in the other)."""
+    from wsae_core.experiments import lm as X
+
+    def run(wsae_fvu):
+        recs = []
+        for s, (base, w) in enumerate(zip([0.10, 0.12, 0.11], wsae_fvu)):
+            recs.append({"cell": f"L01-uniform-s{s}", "method": "SAE", "layer": 1, "seed": s, "fvu": base})
+            recs.append({"cell": f"L01-var-s{s}", "method": "WSAE α=1", "layer": 1, "seed": s, "fvu": w})
+        return {"records": recs}
+
+    a, b = run([0.20, 0.22, 0.21]), run([0.10, 0.125, 0.105])
+    rows = {(r["method"], r["metric"]): r for r in X.compare_runs(a, b, ("fvu",))}
+    base, wsae = rows[("SAE", "fvu")], rows[("WSAE α=1", "fvu")]
+    assert base["abs_diff"] == 0 and base["within_spread"] and base["n"] == 3
+    assert wsae["a"] == pytest.approx(0.21) and wsae["b"] == pytest.approx(0.11)
+    assert wsae["abs_diff"] == pytest.approx(0.10) and wsae["seed_std_a"] == pytest.approx(0.01)
+    d = np.array([0.10, 0.125, 0.105]) - np.array([0.20, 0.22, 0.21])
+    assert wsae["paired_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3)) and not wsae["within_spread"]
+    changed = X.changed_verdicts(a, b, ("fvu",))
+    assert changed["_compared"] == [("fvu", 1)]
+    assert changed["fvu"] == [("WSAE α=1", 1, "worse", "no difference shown")]
+    assert X.changed_verdicts(a, a, ("fvu",))["fvu"] == []

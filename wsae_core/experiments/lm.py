@@ -854,6 +854,48 @@ def verdicts(results: dict, metric: str, baseline: str = "SAE") -> dict[tuple[st
     return out
 
 
+def compare_runs(a: dict, b: dict, metrics: tuple[str, ...] | None = None) -> list[dict]:
+    """Two runs of one sweep (the same cells, e.g. fp32 on one CPU type and bf16 autocast on another):
+    one row per (method, layer, metric) over the cells both finished, with the means over seeds of
+    each run (``"a"``, ``"b"``), ``"abs_diff"``, the seed standard deviation of ``a``
+    (``"seed_std_a"``), the standard error of the per-seed differences (``"paired_se"``: a seed's
+    two runs share initialisation, data order and held-out tokens) and ``"within_spread"``
+    (``abs_diff <= seed_std_a``; None with one seed)."""
+    metrics = tuple(METRICS) if metrics is None else metrics
+    ra, rb = ({r["cell"]: r for r in res["records"]} for res in (a, b))
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for cell in sorted(set(ra) & set(rb)):
+        x, y = ra[cell], rb[cell]
+        for m in metrics:
+            if x.get(m) is not None and y.get(m) is not None:
+                groups.setdefault((x["method"], x["layer"], m), []).append((float(x[m]), float(y[m])))
+    rows = []
+    for (method, layer, m), pairs in groups.items():
+        xa, xb = np.array(pairs).T
+        n = len(pairs)
+        diff = float(xb.mean() - xa.mean())
+        std = float(xa.std(ddof=1)) if n > 1 else math.nan
+        se = float((xb - xa).std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        rows.append({"method": method, "layer": layer, "metric": m, "n": n, "a": float(xa.mean()), "b": float(xb.mean()),
+                     "abs_diff": abs(diff), "seed_std_a": std, "paired_se": se,
+                     "within_spread": bool(abs(diff) <= std) if n > 1 else None})
+    return rows
+
+
+def changed_verdicts(a: dict, b: dict, metrics: tuple[str, ...] | None = None) -> dict[str, list[tuple]]:
+    """Per metric, the (method, layer) whose :func:`verdicts` differ between two runs of one sweep:
+    ``{metric: [(method, layer, verdict in a, verdict in b), ...]}``, and ``"_compared"``: how many
+    verdicts both runs have per metric."""
+    metrics = tuple(METRICS) if metrics is None else metrics
+    out: dict[str, list] = {"_compared": []}
+    for m in metrics:
+        va, vb = verdicts(a, m), verdicts(b, m)
+        both = sorted(set(va) & set(vb), key=str)
+        out[m] = [(k[0], k[1], va[k], vb[k]) for k in both if va[k] != vb[k]]
+        out["_compared"].append((m, len(both)))
+    return out
+
+
 def markdown_table(results: dict, metric: str, digits: int = 3, title: str | None = None) -> str:
     """Table 1's layout for one metric: rows = rules, columns = layers. The SAE row gives the mean
     over seeds; every other row its mean and, below, the paired difference from the SAE with its
