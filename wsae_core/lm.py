@@ -130,14 +130,17 @@ def _locate(key: str, kwargs: dict[str, Any]) -> str:
     when it is there (``local_files_only``), refused at once when ``HF_HUB_OFFLINE`` /
     ``TRANSFORMERS_OFFLINE`` is set and it is not, and otherwise looked up once on the hub.
     """
-    path = Path(key).expanduser()
+    try:
+        path = Path(key).expanduser()
+    except RuntimeError:  # "~someone/..." with no such user: not a folder here
+        path = Path(key)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"a local model must be a directory saved with save_pretrained, got file {key!r}")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{key} has no config.json: not a folder written by save_pretrained")
         return str(path)
-    if not _HUB_ID.fullmatch(key) or key.startswith((".", "~")):
+    if not _HUB_ID.fullmatch(key):  # (a hub id starts with a letter or digit: never ".", "/" or "~")
         raise FileNotFoundError(f"local model directory {key!r} does not exist (and it is not a hub id "
                                 "like 'EleutherAI/pythia-160m')")
     from huggingface_hub import try_to_load_from_cache
