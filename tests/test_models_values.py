@@ -132,3 +132,18 @@ def test_topk_rows_is_torch_topk(dtype):
         if dtype == torch.float32:  # continuous values: no ties outside the planted rows
             rows = slice(3, None) if n_m % _TOPK_SLICES == 0 and B > 2 else slice(None)
             assert torch.equal(idx[rows].sort(1).values, ref_idx[rows].sort(1).values)
+
+
+@pytest.mark.parametrize("d", [20, 32, 63, 64, 768])
+def test_encode_folds_the_bias_into_the_product(d):
+    """The bf16 encoder with the bias folded into the GEMM (inner dimension padded to a multiple of
+    32, including when d already is one) equals addmm in bf16; fp32 is addmm itself."""
+    from wsae_core.models import _encode
+
+    g = torch.Generator().manual_seed(d)
+    x, W, b = torch.randn(7, d, generator=g), torch.randn(33, d, generator=g), torch.randn(33, generator=g)
+    ref = torch.addmm(b.bfloat16(), x.bfloat16(), W.bfloat16().T).float()
+    got = _encode(x, W, b, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (7, 33)
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    assert torch.equal(_encode(x, W, b, torch.float32), torch.addmm(b, x, W.T))
