@@ -1477,27 +1477,22 @@ class SurprisalScorer:
         """``(log p(text | explanation) - log p(text | neutral)) / tokens`` per text (nats per token,
         4 decimals): per token, so that the length of a window does not weigh in. With ``span``: the
         largest such mean over the window and its spans (:meth:`span_gain`)."""
-        if self.span is not None:
-            key = _key([self.identity, "explained", explanation, list(texts)])
-            got = self.store.get(key) if self.store is not None else None
-            if got is None:
-                if self.store is not None:
-                    self.store.miss(key)
-                neutral = self._neutral_tokens(texts)
-                explained = self.token_logprobs(explanation, texts)
-                got = [round(self.span_gain(np.subtract(e, n)), 4) for e, n in zip(explained, neutral)]
-                if self.store is not None:
-                    self.store.put(key, "explained", None, got)
-            return list(got)
-        neutral = self._neutral_logliks(texts)
+        # Whole windows: the neutral sums are looked up first (and kept apart from the explained entry).
+        neutral = None if self.span is not None else self._neutral_logliks(texts)
         key = _key([self.identity, "explained", explanation, list(texts)])
         got = self.store.get(key) if self.store is not None else None
         if got is None:
             if self.store is not None:
                 self.store.miss(key)
-            got = [round(v, 4) for v in self.logliks(explanation, texts)]
+            if self.span is not None:  # the explained entry holds the per-context span gains
+                pairs = zip(self.token_logprobs(explanation, texts), self._neutral_tokens(texts))
+                got = [round(self.span_gain(np.subtract(e, n)), 4) for e, n in pairs]
+            else:
+                got = [round(v, 4) for v in self.logliks(explanation, texts)]
             if self.store is not None:
                 self.store.put(key, "explained", None, got)
+        if neutral is None:
+            return list(got)
         return [round((e - n) / k, 4) for e, (n, k) in zip(got, neutral)]
 
     def score(self, explanation: str, examples: LatentExamples, vocab: Sequence[str]) -> AurocResult:

@@ -550,10 +550,13 @@ def gamma_for(sw: Sweep, cell: Cell):
     return make_gamma("learned_oracle", n_p=sw.lm.d_model, directions=sae.W_dec.detach(), alive=alive)
 
 
-def train_cell(sw: Sweep, cell: Cell, gamma) -> tuple[Any, Any, dict]:
-    """Train the cell's SAE; returns ``(sae, sae at 3/4 of training, curve)``. ``curve`` holds the
-    trainer's log (training batches) and the held-out FVU at ``curve_points`` evenly spaced steps."""
+def train_cell(sw: Sweep, cell: Cell, gamma) -> tuple[Any, Any, dict, str | None]:
+    """Train the cell's SAE; returns ``(sae, sae at 3/4 of training, curve, precision)``. ``curve``
+    holds the trainer's log (training batches) and the held-out FVU at ``curve_points`` evenly spaced
+    steps; ``precision`` is what the trainer chose (``"bf16"`` or ``"fp32"``; None when untrained)."""
     import copy
+
+    import torch
 
     from .. import activations as A
     from ..models import SAEConfig, build_sae
@@ -564,7 +567,7 @@ def train_cell(sw: Sweep, cell: Cell, gamma) -> tuple[Any, Any, dict]:
     sae = build_sae(SAEConfig(n_p=d, n_m=spec.n_latents(cell.layer, d), kind="topk", k=spec.k, seed=cell.seed))
     curve: dict[str, list] = {"step": [], "held_out_fvu": [], "train": []}
     if cell.rule[0] == "untrained":
-        return sae, sae, curve
+        return sae, sae, curve, None
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, warmup_steps=max(1, spec.steps // 10),
                       seed=cell.seed, log_every=max(1, spec.steps // 16), progress=False, device=spec.device)
     src = A.CacheSource(sw.cache, cell.layer, skip_first=spec.skip_first, scale=data["scale"], contexts=sw.train_ctx)
@@ -580,7 +583,7 @@ def train_cell(sw: Sweep, cell: Cell, gamma) -> tuple[Any, Any, dict]:
         if s == round(spec.steps * 3 / 4):
             q3 = copy.deepcopy(sae)
     curve["train"] = trainer.history
-    return sae, q3, curve
+    return sae, q3, curve, "bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32"
 
 
 def evaluate_cell(sw: Sweep, cell: Cell, sae, q3, gamma) -> dict:
@@ -657,10 +660,7 @@ def _read_done(sw: Sweep, cell: Cell) -> dict | None:
 def run_cell(sw: Sweep, cell: Cell, *, verbose: bool = False) -> dict:
     """Train and measure one cell unless its ``metrics.json`` exists (the commit point, written last
     and atomically after the SAE): returns the cell's record."""
-    import torch
-
     from .. import distributed as D
-    from ..models import choose_precision
     from ..train import save_sae
 
     done = _read_done(sw, cell)
@@ -671,7 +671,7 @@ def run_cell(sw: Sweep, cell: Cell, *, verbose: bool = False) -> dict:
     t0 = time.perf_counter()
     gamma = gamma_for(sw, cell)
     t1 = time.perf_counter()
-    sae, q3, curve = train_cell(sw, cell, gamma)
+    sae, q3, curve, precision = train_cell(sw, cell, gamma)
     t2 = time.perf_counter()
     metrics = evaluate_cell(sw, cell, sae, q3, gamma)
     t3 = time.perf_counter()
@@ -692,8 +692,8 @@ def run_cell(sw: Sweep, cell: Cell, *, verbose: bool = False) -> dict:
            "gamma_effective_dims": float(sw.lm.d_model if gamma is None else gamma.pow(2).sum() ** 2 / gamma.pow(4).sum()),
            "gamma": None if gamma is None else [round(float(g), 5) for g in gamma],
            "seconds": {"gamma": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2}, "rank": D.rank_and_world()[0],
-           # What computed it: the trainer's precision ("auto", as TrainConfig's default) and the LM forward's.
-           "train_precision": "bf16" if choose_precision("auto", sw.spec.device).dtype == torch.bfloat16 else "fp32",
+           # What computed it: the precision the trainer chose and the LM forward's.
+           "train_precision": precision,
            "lm_precision": sw.cache.meta.get("key", {}).get("forward", "fp32"),
            "curve": curve, "sae_dir": str(sae_dir)}
     _write_json_atomic(folder / "metrics.json", rec)
