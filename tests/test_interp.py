@@ -479,3 +479,16 @@ def test_planted_latent_calibration_with_the_keyword_client():
     assert summ["random"]["fuzzing"] <= 0.75 and summ["token"]["score"] > summ["random"]["score"]
     with pytest.raises(ValueError, match="single-token"):
         E.run_calibration(I.KeywordClient(), E.CalibrationSpec(tokens=(" xylophonicallyzz",)))
+
+
+def test_gates_file_names_a_surprisal_span_other_than_the_default():
+    """Calibrations with another surprisal span get their own file (they would overwrite the default's)."""
+    from wsae_core.experiments import interp as E
+
+    default = E.SURPRISAL_OPTIONS["span"]
+    assert E.gates_file(0, ("baseline",), ("surprisal",)) == "interp_gates_seed0_baseline_surprisal.json"
+    assert E.gates_file(0, ("baseline",), ("surprisal",), default) == "interp_gates_seed0_baseline_surprisal.json"
+    assert E.gates_file(3, ("baseline",), ("surprisal",), 1) == "interp_gates_seed3_baseline_surprisal_surprisal-span1.json"
+    assert E.gates_file(0, ("baseline", "smollm2"), ("surprisal", "embedding"), None) == \
+        "interp_gates_seed0_baseline+smollm2_surprisal+embedding_surprisal-whole.json"
+    assert E.gates_file(0, ("baseline",), ("embedding",), 1) == "interp_gates_seed0_baseline_embedding.json"

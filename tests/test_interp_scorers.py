@@ -581,3 +581,92 @@ def test_the_compute_precision_is_part_of_the_cache_identity():
     lazy = I.SurprisalScorer(lambda: Loaded(), model_name="m")
     with pytest.raises(ValueError, match="computes in torch.bfloat16 but this scorer was made for torch.float32"):
         lazy.lm
+
+
+# ----------------------------------------------------------------------------- the local chat judge
+
+
+@pytest.fixture
+def tiny_chat(tiny_lm):
+    """An :class:`HFChatClient` over the tiny GPT-NeoX with a plain chat template (set for the test)."""
+    tok = tiny_lm.tokenizer
+    old = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    yield I.HFChatClient(tiny_lm, batch_size=2)
+    tok.chat_template = old
+
+
+def _prompt_ids(lm, messages):
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _last_logprobs(lm, ids):
+    with torch.inference_mode():
+        return torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+
+
+PROMPTS = [[{"role": "user", "content": "the cat sat on the mat. Does it?"}],
+           [{"role": "system", "content": "Answer."}, {"role": "user", "content": "1904"}],
+           [{"role": "user", "content": "the river carried timber to the coast and the fox ran to the mat"}]]
+
+
+def test_chat_judge_single_token_options_equal_unpadded_forward_passes(tiny_chat, tiny_lm):
+    """One forward pass per prompt, batched two at a time with left padding and position ids: each
+    option's score is the next-token log-probability of an unpadded pass over that prompt alone."""
+    options = ["the", " cat", "Yes"][:2]
+    got = tiny_chat.score_options(PROMPTS, options)
+    assert len(got) == len(PROMPTS) and all(len(r) == 2 for r in got)
+    for p, row in zip(PROMPTS, got):
+        ids = _prompt_ids(tiny_lm, p)
+        assert tiny_chat._encode(p) == ids
+        lp = _last_logprobs(tiny_lm, ids)[-1]
+        want = [float(lp[tiny_lm.tokenizer(o, add_special_tokens=False)["input_ids"][0]]) for o in options]
+        np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_judge_multi_token_options_sum_their_tokens(tiny_chat, tiny_lm):
+    """Options of several tokens: the sum of each token's log-probability after the prompt and the
+    option's earlier tokens (an unpadded pass over prompt + option)."""
+    options = ["sodium chloride", "the", "river"]
+    got = tiny_chat.score_options(PROMPTS, options)
+    assert len(got) == len(PROMPTS) and all(len(r) == len(options) for r in got)
+    for p, row in zip(PROMPTS, got):
+        base = _prompt_ids(tiny_lm, p)
+        for o, value in zip(options, row):
+            oid = tiny_lm.tokenizer(o, add_special_tokens=False)["input_ids"]
+            lp = _last_logprobs(tiny_lm, base + oid)
+            want = sum(float(lp[len(base) - 1 + j, t]) for j, t in enumerate(oid))
+            assert value == pytest.approx(want, rel=1e-4, abs=1e-4), (o, p)
+    assert got[0][0] != got[1][0]  # the prompt matters
+
+
+def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, tiny_lm):
+    """``chat`` is greedy decoding of ``max_tokens`` tokens after the template's assistant prefix (each
+    step the argmax of an unpadded forward pass); errors name the bad value."""
+    ids = _prompt_ids(tiny_lm, PROMPTS[0])
+    seq = list(ids)
+    for _ in range(5):
+        seq.append(int(_last_logprobs(tiny_lm, seq)[-1].argmax()))
+    want = tiny_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
+    assert tiny_chat.chat(PROMPTS[0], max_tokens=5) == want
+    assert tiny_chat._pad_token() == tiny_lm.tokenizer.eos_token_id  # no pad token in this tokenizer
+    before = tiny_chat.score_options(PROMPTS, ["the", " cat"])
+    tok = tiny_lm.tokenizer
+    tok.pad_token = tok.convert_ids_to_tokens(5)
+    try:  # a pad token of its own is used, and padding stays masked whatever its id
+        assert tiny_chat._pad_token() == 5
+        np.testing.assert_allclose(tiny_chat.score_options(PROMPTS, ["the", " cat"]), before, rtol=1e-5, atol=1e-5)
+    finally:
+        tok.pad_token = None
+    with pytest.raises(ValueError, match="at least two answers"):
+        tiny_chat.score_options(PROMPTS, ["the"])
+    with pytest.raises(ValueError, match="at least one token"):
+        tiny_chat.score_options(PROMPTS, ["the", ""])
+    short = I.HFChatClient(tiny_lm, max_prompt_tokens=len(ids) - 1)
+    with pytest.raises(ValueError, match=f"prompt has {len(ids)} tokens, more than max_prompt_tokens = {len(ids) - 1}"):
+        short.score_options(PROMPTS[:1], ["the", " cat"])
+    assert I.HFChatClient(tiny_lm, max_prompt_tokens=len(ids))._encode(PROMPTS[0]) == ids
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        I.HFChatClient(tiny_lm, batch_size=0)

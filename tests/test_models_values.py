@@ -147,3 +147,175 @@ def test_encode_folds_the_bias_into_the_product(d):
     assert got.dtype == torch.bfloat16 and got.shape == (7, 33)
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     assert torch.equal(_encode(x, W, b, torch.float32), torch.addmm(b, x, W.T))
+
+
+# ----------------------------------------------------------------------------- round 6: models survivors
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """``fake_cpu(caps, speedup)``: the CPU's flags and the bf16 matmul measurement, mocked."""
+    def set_(caps, speedup=None):
+        monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(caps))
+        monkeypatch.setattr(models, "bf16_matmul_speedup", lambda: speedup)
+    return set_
+
+
+@pytest.mark.parametrize("caps, speedup, want", [
+    ({"cpu_name": "XeonTest", "amx_bf16": True, "avx512_bf16": True}, None,
+     (torch.bfloat16, "XeonTest has AMX-BF16 matrix units")),
+    ({"cpu_name": "ZenTest", "avx512_bf16": True}, 1.2,  # the threshold itself counts as faster
+     (torch.bfloat16, "ZenTest has AVX-512-BF16; bf16 matmul measured 1.20x fp32")),
+    ({"cpu_name": "ZenTest", "avx512_bf16": True}, 1.19,
+     (torch.float32, "ZenTest has AVX-512-BF16 but bf16 matmul measured only 1.19x fp32")),
+    ({"avx2": True}, None,  # no name reported: the reason still reads as a sentence
+     (torch.float32, "this CPU has no bf16 matrix instructions (no AMX-BF16 or AVX-512-BF16): "
+                     "bf16 would be emulated and slower than fp32")),
+])
+def test_choose_precision_every_cpu_branch_exactly(fake_cpu, caps, speedup, want):
+    """Each branch of the CPU rule: dtype and the whole logged reason, the flag names exactly as
+    torch.cpu.get_capabilities() spells them (lower case), and the 1.2x threshold inclusive."""
+    fake_cpu(caps, speedup)
+    got = models.choose_precision("auto", "cpu")
+    assert (got.dtype, got.reason) == want
+    assert got == models.choose_precision("auto", torch.device("cpu"))
+
+
+def test_choose_precision_forced_cuda_and_other_devices_exactly(fake_cpu, monkeypatch):
+    fake_cpu({"cpu_name": "XeonTest", "amx_bf16": True})  # must not be read for these
+    assert tuple(models.choose_precision("fp32", "cpu")) == (torch.float32, "fp32 requested")
+    assert tuple(models.choose_precision("bf16", "cpu")) == (torch.bfloat16, "bf16 requested")
+    assert tuple(models.choose_precision("fp32", "cuda")) == (torch.float32, "fp32 requested")
+    names = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names.append(device) or "H200Test")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert tuple(models.choose_precision("auto", "cuda:1")) == (torch.bfloat16, "CUDA device H200Test supports bf16")
+    assert names == [torch.device("cuda:1")]  # the name of the device asked about, not the current one
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert tuple(models.choose_precision("auto", "cuda")) == (torch.float32, "CUDA device without bf16 support")
+    # a device type with no rule (the AMX flag above must not leak into it)
+    assert tuple(models.choose_precision("auto", "meta")) == (torch.float32, "no bf16 rule for device type 'meta'")
+    for bad in ("BF16", "FP32", "fp16"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            models.choose_precision(bad)
+
+
+def test_shape_error_hint_only_for_one_sample_of_the_right_length():
+    """The ``x_p[None]`` hint appears for a 1-D input of length n_p only: not for a 2-D input of the
+    wrong width (also not one whose first dimension happens to be n_p), not for a wrong 1-D length."""
+    m = models.PracticalSAE(SAEConfig(n_p=4, n_m=6, kind="relu"))
+    cases = {(4,): True, (3,): False, (4, 5): False, (2, 3): False}
+    for shape, hint in cases.items():
+        with pytest.raises(ValueError) as err:
+            m.encode(torch.zeros(shape))
+        msg = str(err.value)
+        want = f"x_p must have shape (batch, n_p = 4), got {shape}"
+        assert msg == (want + "; for one sample use x_p[None] (shape (1, 4))" if hint else want), msg
+
+
+def test_bf16_input_selects_bf16_for_practical_saes_and_is_cast_for_the_theory_sae():
+    """bf16 input to a practical SAE stays bf16 (it selects the bf16 kernels: the same latents as
+    bf16 autocast on fp32 input, not the fp32 latents); the theory SAE has no bf16 path and computes
+    on the fp32 cast, exactly as for fp32 input."""
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(1))
+    xb = x.bfloat16()
+    for kind, kw in (("relu", {}), ("topk", {"k": 3})):
+        m = models.PracticalSAE(SAEConfig(n_p=8, n_m=40, kind=kind, seed=2, **kw))
+        with torch.no_grad():
+            got = m(xb)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = m(xb.float())
+            fp32 = m(xb.float())
+        assert torch.equal(got.latents, ref.latents), kind
+        assert not torch.equal(got.latents.float(), fp32.latents.float()), kind
+    t = models.TheorySAE(SAEConfig(n_p=8, n_m=12, kind="theory", seed=2))
+    with torch.no_grad():
+        got, ref = t(xb), t(xb.float())
+    assert got.latents.dtype == torch.float32 and torch.equal(got.latents, ref.latents)
+    assert torch.equal(got.reconstruction, ref.reconstruction)
+
+
+def test_fvu_for_data_of_small_variance():
+    """``_fvu`` is a ratio: scaling the data and the reconstruction by 1e-3 leaves it unchanged (no
+    floor on the denominator beyond the guard against an exact zero)."""
+    g = torch.Generator().manual_seed(3)
+    x, xh = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(20, 6, generator=g, dtype=torch.float64)
+    want = float(((xh - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    for s in (1.0, 1e-3):
+        assert float(models._fvu(s * x, s * xh)) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_initial_rows_have_the_stated_norms(scale):
+    """The theory SAE's rows and the practical encoder's rows have norm ``init_scale``; the practical
+    decoder's rows are those directions at unit norm (``W_dec = W_enc / init_scale``)."""
+    t = models.TheorySAE(SAEConfig(n_p=5, n_m=7, kind="theory", init_scale=scale, seed=4))
+    torch.testing.assert_close(t.W_m.detach().norm(dim=1), torch.full((7,), scale))
+    p = models.PracticalSAE(SAEConfig(n_p=5, n_m=7, kind="relu", init_scale=scale, seed=4))
+    torch.testing.assert_close(p.W_enc.detach().norm(dim=1), torch.full((7,), scale))
+    torch.testing.assert_close(p.W_dec.detach().norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(p.W_dec.detach(), p.W_enc.detach() / scale)
+
+
+@pytest.mark.parametrize("field, value, ok", [
+    ("n_p", 1, True), ("n_m", 1, True), ("n_p", 0, False),
+    ("k", 6, True), ("k", 7, False),  # k = n_m is allowed (every latent kept)
+    ("l1_coeff", True, False), ("l1_coeff", "0.1", False), ("l1_coeff", 0, True),
+    ("seed", 2**63 - 1, True), ("seed", 2**63, False), ("seed", "3", False), ("seed", 2 * 63, True),
+])
+def test_config_bounds_and_types(field, value, ok):
+    kw = {"n_p": 3, "n_m": 6, "kind": "topk", "k": 2}
+    if field == "n_m":
+        kw.update(k=1)
+    if field == "l1_coeff":
+        kw.update(kind="relu", k=None)
+    kw[field] = value
+    if ok:
+        assert getattr(SAEConfig(**kw), field) == value
+    else:
+        with pytest.raises(ValueError, match=field):
+            SAEConfig(**kw)
+
+
+def test_default_practical_sae_runs_the_fused_kernels():
+    """``fused=True`` is the default (the plain autograd path is the tests' reference, several times
+    slower): the loss's graph goes through the hand-written Functions."""
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
+    for kind, kw, fn in (("relu", {}, "_FusedReluSAE"), ("topk", {"k": 2}, "_FusedTopKSAE")):
+        m = models.PracticalSAE(SAEConfig(n_p=5, n_m=8, kind=kind, **kw))
+        assert m.fused is True
+        assert type(m(x).recon_loss.grad_fn).__name__ == fn + "Backward"
+        m.fused = False
+        assert "Fused" not in type(m(x).recon_loss.grad_fn).__name__
+
+
+@pytest.mark.parametrize("use", ["latents", "reconstruction", "recon_loss", "sparsity_loss", "recon_no_l1_grad"])
+def test_fused_relu_backward_when_the_loss_reads_some_outputs_only(use):
+    """The fused ReLU kernel leaves the gradients of unused outputs as None (no zero tensors): its
+    backward must then give autograd's gradients for a loss that reads only the latents, only the
+    reconstruction, only one loss term, or the reconstruction loss while L1 is on but unused."""
+    cfg = SAEConfig(n_p=5, n_m=9, kind="relu", l1_coeff=0.2, seed=6)
+    fused, plain = models.PracticalSAE(cfg), models.PracticalSAE(cfg, fused=False)
+    with torch.no_grad():
+        fused.b_dec.copy_(torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5]))
+        fused.b_enc.copy_(torch.linspace(-0.1, 0.2, 9))
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(7))
+    r_lat = torch.randn(7, 9, generator=torch.Generator().manual_seed(8))
+    r_rec = torch.randn(7, 5, generator=torch.Generator().manual_seed(9))
+
+    def grads(m):
+        xx = x.clone().requires_grad_(True)
+        out = m(xx)
+        loss = {"latents": lambda: (out.latents * r_lat).sum(),
+                "reconstruction": lambda: (out.reconstruction * r_rec).sum(),
+                "recon_loss": lambda: 1.5 * out.recon_loss,
+                "sparsity_loss": lambda: 1.5 * out.sparsity_loss,
+                "recon_no_l1_grad": lambda: out.recon_loss + (out.latents * r_lat).sum()}[use]()
+        return torch.autograd.grad(loss, [xx, *m.parameters()], allow_unused=True)
+
+    for a, b in zip(grads(fused), grads(plain)):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -8,10 +8,17 @@ mutated lines no longer occur exactly once (the function changed since; check th
 
     python tools/mutation_recheck.py --mutmut-clone ../run --module train --tests tests/test_train.py \\
         --select "resume or checkpoint" --names survivors.json --out recheck.json
+
+``--trampoline``: where the module has not changed since mutmut generated its mutants, run each
+mutant through mutmut's own switch instead (the given test files are copied into the clone's
+``mutants/tests`` and run there with ``MUTANT_UNDER_TEST=<name>``): every mutant applies, also those
+whose changed line occurs more than once in the module.
 """
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +41,11 @@ def main() -> int:
     p.add_argument("--select", default=None, help="pytest -k expression (default: every test in --tests)")
     p.add_argument("--names", type=Path, required=True, help="JSON list of mutant names")
     p.add_argument("--out", type=Path, required=True, help="JSON {name: verdict} to write")
+    p.add_argument("--trampoline", action="store_true",
+                   help="select each mutant with mutmut's MUTANT_UNDER_TEST in the clone's mutants/ (module unchanged since)")
     args = p.parse_args()
+    if args.trampoline:
+        return _trampoline(args)
     path = Path("wsae_core") / f"{args.module}.py"
     source = path.read_text()
     verdicts = {}
@@ -52,6 +63,29 @@ def main() -> int:
                 verdicts[name] = "killed (timeout)"
             finally:
                 path.write_text(source)
+        print(name, verdicts[name], flush=True)
+    args.out.write_text(json.dumps(verdicts, indent=1) + "\n")
+    print({v: list(verdicts.values()).count(v) for v in sorted(set(verdicts.values()))})
+    return 0
+
+
+def _trampoline(args) -> int:
+    mutants = args.mutmut_clone / "mutants"
+    tests = args.tests.split()
+    for t in tests:
+        shutil.copy(t, mutants / t)
+    python = str((args.mutmut_clone / ".venv" / "bin" / "python").absolute())  # not resolve(): the venv is the link
+    cmd = [python, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider"] + (["-k", args.select] if args.select else [])
+    clean = subprocess.run(cmd, cwd=mutants, capture_output=True, env={**os.environ, "MUTANT_UNDER_TEST": "none"})
+    if clean.returncode:
+        raise SystemExit(f"the tests fail without a mutant in {mutants}:\n{clean.stdout.decode()[-2000:]}")
+    verdicts = {}
+    for name in json.loads(args.names.read_text()):
+        try:
+            run = subprocess.run(cmd, cwd=mutants, capture_output=True, timeout=600, env={**os.environ, "MUTANT_UNDER_TEST": name})
+            verdicts[name] = "killed" if run.returncode else "survived"
+        except subprocess.TimeoutExpired:
+            verdicts[name] = "killed (timeout)"
         print(name, verdicts[name], flush=True)
     args.out.write_text(json.dumps(verdicts, indent=1) + "\n")
     print({v: list(verdicts.values()).count(v) for v in sorted(set(verdicts.values()))})

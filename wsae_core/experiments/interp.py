@@ -1090,7 +1090,7 @@ def _main_scorers(args, profile: Profile) -> int:
         runs = []
         for seed in args.seeds:
             runs.append(run_scorer_calibration(PlantedSpec(seed=seed), scoring, verbose=True))
-            path = _save(runs[-1], folder / gates_file(seed, explainers, scorers))
+            path = _save(runs[-1], folder / gates_file(seed, explainers, scorers, args.surprisal_span or None))
             print(f"seed {seed}:\n{gates_markdown(runs[-1])}\nwrote {path} ({runs[-1]['seconds']} s)")
         res = pool_runs(runs)
         print(f"seeds {args.seeds} pooled:\n{gates_markdown(res)}")
@@ -1149,10 +1149,14 @@ def scores_file(profile: Profile, scorers=SCORERS) -> str:
     return f"interp_scores_{profile}_{'+'.join(scorers)}.json"
 
 
-def gates_file(seed: int = 0, explainers=("baseline",), scorers=SCORERS) -> str:
+def gates_file(seed: int = 0, explainers=("baseline",), scorers=SCORERS, surprisal_span: int | None | str = "default") -> str:
     """File name of a calibration of ``scorers`` with ``explainers`` on the planted latents of ``seed``
-    (the same in every profile)."""
-    return f"interp_gates_seed{seed}_{'+'.join(explainers)}_{'+'.join(scorers)}.json"
+    (the same in every profile). A surprisal span other than :data:`SURPRISAL_OPTIONS`'s (``None``:
+    whole windows) is part of the name, so runs with other spans do not overwrite each other."""
+    tag = ""
+    if "surprisal" in scorers and surprisal_span != "default" and surprisal_span != SURPRISAL_OPTIONS["span"]:
+        tag = "_surprisal-whole" if surprisal_span is None else f"_surprisal-span{int(surprisal_span)}"
+    return f"interp_gates_seed{seed}_{'+'.join(explainers)}_{'+'.join(scorers)}{tag}.json"
 
 
 if __name__ == "__main__":
