@@ -492,3 +492,20 @@ def test_gates_file_names_a_surprisal_span_other_than_the_default():
     assert E.gates_file(0, ("baseline", "smollm2"), ("surprisal", "embedding"), None) == \
         "interp_gates_seed0_baseline+smollm2_surprisal+embedding_surprisal-whole.json"
     assert E.gates_file(0, ("baseline",), ("embedding",), 1) == "interp_gates_seed0_baseline_embedding.json"
+
+
+def test_score_latents_scores_each_selectable_latent_and_skips_the_rest():
+    """``score_latents`` is ``score_latent`` per latent (selection seeded by the config), skipping with a
+    progress line the latents that have too few examples, in the order given."""
+    tokens, acts, docs = toy()
+    table = {"cat": acts, "never": np.zeros_like(acts), "cat again": acts}
+    lines = []
+    got = I.score_latents(I.KeywordClient(), tokens, table.__getitem__, ["cat", "never", "cat again"], VOCAB,
+                          doc_ids=docs, config=SMALL, progress=lines.append)
+    want = I.score_latent(I.KeywordClient(), I.select_examples(tokens, acts, doc_ids=docs, config=SMALL, latent="cat"),
+                          VOCAB, seed=SMALL.seed)
+    assert len(got) == 2 and got[0] == want and got[1].latent == "cat again"
+    assert lines[0] == "'cat': 'the words \"cat\"' detection 1.00 fuzzing 1.00"
+    assert lines[1].startswith("skip 'never': ") and lines[2].startswith("'cat again': ")
+    assert I.score_latents(I.KeywordClient(), tokens, table.__getitem__, ["cat"], VOCAB) == \
+        I.score_latents(I.KeywordClient(), tokens, table.__getitem__, ["cat"], VOCAB, config=I.SelectionConfig())

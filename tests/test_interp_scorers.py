@@ -87,7 +87,9 @@ def test_surprisal_with_a_reused_prefix_equals_a_plain_forward_pass(tiny_lm):
     texts = ["the cat sat", "a big red fox ran on the mat.", "1904", "the river carried timber to the coast and"]
     got = sc.logliks('the word "cat"', texts)
     want = [_plain_loglik(tiny_lm, I.surprisal_prefix('the word "cat"'), t) for t in texts]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # fp32 with the prefix's keys and values reused agrees with one plain pass to ~1e-6 nats; an
+    # explanation moves this tiny model's log-likelihoods by ~1e-3, so the check must be far tighter.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     assert sc.identity.startswith("surprisal:") and sc.tokens_run > 0
 
 
@@ -154,13 +156,13 @@ def test_surprisal_with_spans_scores_per_token_gains_and_replays_from_the_cache(
     sc = I.SurprisalScorer(tiny_lm, batch_size=2, span=4, stride=2, store=I.JsonlStore(tmp_path / "s.jsonl"))
     per_token = sc.token_logprobs('the word "fox"', texts)
     for got, t in zip(per_token, texts):
-        np.testing.assert_allclose(got, _plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "fox"'), t), atol=1e-3)
-    np.testing.assert_allclose(sc.logliks('the word "fox"', texts), [sum(p) for p in per_token], atol=1e-3)
+        np.testing.assert_allclose(got, _plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "fox"'), t), atol=1e-5)
+    np.testing.assert_allclose(sc.logliks('the word "fox"', texts), [sum(p) for p in per_token], atol=1e-5)
     gains = sc.gains('the word "fox"', texts)
     for g, t in zip(gains, texts):
         d = np.subtract(_plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "fox"'), t),
                         _plain_token_logprobs(tiny_lm, I.surprisal_prefix(I.NEUTRAL_DESCRIPTION), t))
-        assert g == pytest.approx(sc.span_gain(d), abs=2e-3)
+        assert g == pytest.approx(sc.span_gain(d), abs=1.5e-4)  # 4-decimal rounding of the stored values
     assert gains[0] >= np.mean(np.subtract(per_token[0], sc._neutral_tokens(texts[:1])[0])) - 1e-4
     kinds = sorted(json.loads(l)["kind"] for l in (tmp_path / "s.jsonl").read_text().splitlines())
     assert kinds == ["explained", "neutral tokens", "neutral tokens", "neutral tokens"]
@@ -670,3 +672,65 @@ def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, tiny_lm):
     assert I.HFChatClient(tiny_lm, max_prompt_tokens=len(ids))._encode(PROMPTS[0]) == ids
     with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
         I.HFChatClient(tiny_lm, batch_size=0)
+
+
+def test_surprisal_whole_window_gain_is_the_per_token_log_likelihood_difference(tiny_lm, tmp_path):
+    """``span=None``: a context's gain is ``(log p(c | explanation) - log p(c | neutral)) / tokens``
+    from plain forward passes (4-decimal rounding of the stored sums and of the gain: 1.5e-4); the
+    explanation is the one given, and the cache holds one explained entry under its documented key."""
+    texts = ["the cat sat on the mat. a big red fox ran.", "the river carried timber to the coast.", "1904"]
+    store = I.JsonlStore(tmp_path / "w.jsonl")
+    sc = I.SurprisalScorer(tiny_lm, batch_size=2, store=store)
+    for expl in ('the word "fox"', "text about rivers"):
+        got = sc.gains(expl, texts)
+        for g, t in zip(got, texts):
+            e = _plain_token_logprobs(tiny_lm, I.surprisal_prefix(expl), t)
+            n = _plain_token_logprobs(tiny_lm, I.surprisal_prefix(I.NEUTRAL_DESCRIPTION), t)
+            assert g == pytest.approx((sum(e) - sum(n)) / len(e), abs=1.5e-4), (expl, t)
+        assert I._key([sc.identity, "explained", expl, texts]) in store.entries()
+    assert store.misses == 2 + len(texts) and store.hits == 0  # two explained requests, each text's neutral once
+    assert sc.gains('the word "fox"', texts) == sc.gains('the word "fox"', texts) and store.hits == 2
+    # without a store: the same numbers, computed
+    bare = I.SurprisalScorer(tiny_lm, batch_size=2)
+    np.testing.assert_allclose(bare.gains('the word "fox"', texts), sc.gains('the word "fox"', texts), atol=1e-4)
+
+
+def test_surprisal_score_counts_and_checks(tiny_lm):
+    """The AUROC result carries the gains it ranked; the model counters accumulate over calls and
+    start at zero; a one-token text is scored and an empty one refused; batch size and stride 1 are
+    allowed."""
+    sc = I.SurprisalScorer(tiny_lm, batch_size=1, span=2, stride=1)
+    assert (sc.tokens_run, sc.seconds_model) == (0, 0.0)
+    long = ["the cat sat on the mat. a big red fox ran.", "the river carried timber to the coast."]
+    sc.token_logprobs('the word "cat"', long)
+    t1, s1 = sc.tokens_run, sc.seconds_model
+    assert t1 > 0 and 0 < s1 < 60
+    one = sc.token_logprobs('the word "cat"', ["1"])  # one token: its log-probability right after the prompt
+    assert len(one) == 1 and len(one[0]) == 1
+    assert sc.tokens_run > t1 and s1 < sc.seconds_model < 60
+    with pytest.raises(ValueError, match="at least one token"):
+        sc.token_logprobs('the word "cat"', ["the", ""])
+    e_pos = [_ex([2, 3, 4], [1, 0, 0], context=c) for c in range(3)]
+    e_neg = [_ex([6, 7, 8], [0, 0, 0], context=c) for c in range(3, 6)]
+    res = I.SurprisalScorer(tiny_lm).score('the word "cat"', I.LatentExamples(0, 1.0, 3, e_pos, e_pos, e_neg), VOCAB)
+    texts, truth = I.scoring_texts(I.LatentExamples(0, 1.0, 3, e_pos, e_pos, e_neg), VOCAB)
+    assert res.truth == truth and len(res.scores) == len(texts)
+    assert res.auroc == pytest.approx(I.roc_auc(truth, res.scores))
+    assert all(isinstance(v, float) for v in res.scores)
+
+
+def test_the_default_scorer_identities_are_the_committed_caches():
+    """The chapter replays its committed caches by identity: the default surprisal scorer (SmolLM2's
+    Q4_1 GGUF, fp32, span 8 and stride 4, the prompt's hash) and the whole-window one must name the
+    committed files; a changed prompt, quantisation tag or hash length would silently miss them."""
+    from wsae_core.experiments.interp import SURPRISAL_OPTIONS
+
+    folder = Path(__file__).resolve().parents[1] / "book" / "results" / "interp_cache"
+    whole = I.SurprisalScorer(object(), model_name=None)
+    assert whole.identity == "surprisal:smollm2-135m-instruct-gguf-q4_1:78700efe"
+    spans = I.SurprisalScorer(object(), **SURPRISAL_OPTIONS)
+    assert spans.identity == "surprisal:smollm2-135m-instruct-gguf-q4_1:78700efe:maxp8-4"
+    for sc in (whole, spans):
+        assert I.scorer_store(sc.identity, folder).path.is_file(), sc.identity
+    assert I.SurprisalScorer(object(), model_name="other/model").identity == "surprisal:other/model:78700efe"
+    assert I.SurprisalScorer(object(), model_name="m", precision="fp32").precision == "fp32"

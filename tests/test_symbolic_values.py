@@ -243,8 +243,9 @@ def test_size_limits_are_inclusive():
         symbolic.feature_recovery(W2, np.ones(2))
     with pytest.raises(ValueError, match="^W_p must be a 2-D matrix"):
         symbolic.feature_recovery(np.ones(2))
-    with pytest.raises(ValueError, match="^W_p must have finite real entries"):
-        symbolic.exact_recovery([[sp.oo, 0], [0, 1]], [1, 0])
+    for bad in (sp.oo, sp.I, sp.nan):
+        with pytest.raises(ValueError, match="^W_p must have finite real entries"):
+            symbolic.exact_recovery([[bad, 0], [0, 1]], [1, 0])
     with pytest.raises(ValueError, match="^W_m must be a 2-D matrix"):
         symbolic.reconstructs_exactly(W2, np.ones(2))
     with pytest.raises(ValueError, match="no latent ever fires"):
@@ -312,7 +313,7 @@ def test_common_scale_optimum_against_its_definition():
     L_w = sp.expand(sum(w**2 * r.sae for w, r in zip(weights, per)))
     assert sp.simplify(sp.diff(L_w, c).subs(c, c_star)) == 0 and c_star.is_positive
     assert sp.simplify(gt - sum(r.gt for r in per).subs(c, c_star)) == 0
-    # only blocks reconstructed exactly at c = 1 (a digon): c* = 1 and E[L_GT] there
+    # blocks reconstructed exactly at c = 1 (digons): c* = 1 and E[L_GT] there
     c1, gt1 = symbolic.common_scale_optimum([2, 2], [1, 3], S_value=half)
     per2 = symbolic.expected_losses(geometry.superposition_matrix([2], exact=True), S_value=half)
     assert c1 == 1 and gt1 == 2 * per2.gt.subs(c, 1)
@@ -321,3 +322,35 @@ def test_common_scale_optimum_against_its_definition():
 def test_frobenius_exact_refuses_dependent_rows():
     with pytest.raises(ValueError, match="linearly dependent"):
         symbolic.frobenius_optimal_gamma_exact(sp.Matrix([[1, 0], [1, 0], [0, 1]]))  # two equal rows
+
+
+def test_exact_recovery_fields_and_a_silent_sample():
+    """Every field against a hand computation, and x_m = 0 (all latents silent: no top latent)."""
+    W = sp.Matrix([[1, -1], [0, 0]])  # two opposite features in the first dimension
+    r = symbolic.exact_recovery(W, [0.5, 0.5])  # x_p = 0: nothing fires
+    assert r.x == sp.Matrix([sp.Rational(1, 2), sp.Rational(1, 2)]) and r.x_p == sp.zeros(2, 1)
+    assert r.x_m == sp.zeros(2, 1) and r.top_x_m is None and r.top_x == 0
+    assert r.loss_sae == 0 and r.loss_gt == sp.Rational(1, 2)
+    r = symbolic.exact_recovery(W, [sp.Rational(1, 5), sp.Rational(7, 10)])  # x_p = (-1/2, 0): latent 2 fires
+    assert r.pre == sp.Matrix([-sp.Rational(1, 2), sp.Rational(1, 2)]) and r.x_m == sp.Matrix([0, sp.Rational(1, 2)])
+    assert (r.top_x, r.top_x_m) == (1, 1)
+    assert r.loss_gt == sp.Rational(1, 25) + sp.Rational(1, 25) and r.loss_sae == 0
+
+
+def test_names_in_the_errors_and_defaults():
+    """Each function's errors name its argument as the signature does; value_moments defaults to
+    Uniform[0, 1]; optimal_scale refuses a loss with odd powers of c."""
+    W2 = sp.eye(2)
+    for f in (symbolic.one_sparse_limit, symbolic.variance_proxy, symbolic.reconstructs_exactly,
+              symbolic.frobenius_optimal_gamma_exact, symbolic.gap_matrix):
+        with pytest.raises(ValueError, match="^W_p must be a 2-D matrix"):
+            f(np.ones(3))
+    for f in (symbolic.one_sparse_limit, symbolic.reconstructs_exactly):
+        with pytest.raises(ValueError, match="^W_m must be a 2-D matrix"):
+            f(W2, np.ones(2))
+    assert symbolic.value_moments() == (sp.Rational(1, 2), sp.Rational(1, 3))
+    assert symbolic.value_moments("constant") == (1, 1)
+    for bad in (1 - c + c**4, 1 - c**2 + c**3 + c**4, 1 - 2 * c**2, 1 - c**2 + c**4 + c**5):
+        with pytest.raises(ValueError, match="expected a polynomial a - 2 b c\\^2 \\+ d c\\^4"):
+            symbolic.optimal_scale(bad)
+    assert symbolic.optimal_scale(1 - 4 * c**2 + 2 * c**4) == 1

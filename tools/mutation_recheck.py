@@ -43,6 +43,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON {name: verdict} to write")
     p.add_argument("--trampoline", action="store_true",
                    help="select each mutant with mutmut's MUTANT_UNDER_TEST in the clone's mutants/ (module unchanged since)")
+    p.add_argument("--fork", action="store_true",
+                   help="with --trampoline: one process imports the libraries once and forks a child per mutant "
+                        "(as mutmut's runner does) instead of starting pytest afresh for each")
     args = p.parse_args()
     if args.trampoline:
         return _trampoline(args)
@@ -79,6 +82,8 @@ def _trampoline(args) -> int:
     clean = subprocess.run(cmd, cwd=mutants, capture_output=True, env={**os.environ, "MUTANT_UNDER_TEST": "none"})
     if clean.returncode:
         raise SystemExit(f"the tests fail without a mutant in {mutants}:\n{clean.stdout.decode()[-2000:]}")
+    if args.fork:
+        return _forked(args, mutants, python, cmd[3:])
     verdicts = {}
     for name in json.loads(args.names.read_text()):
         try:
@@ -90,6 +95,44 @@ def _trampoline(args) -> int:
     args.out.write_text(json.dumps(verdicts, indent=1) + "\n")
     print({v: list(verdicts.values()).count(v) for v in sorted(set(verdicts.values()))})
     return 0
+
+
+# Run by the clone's Python in its mutants/ folder: import once, then fork one pytest run per mutant.
+_FORK_RUNNER = r"""
+import json, os, sys, signal
+sys.path.insert(0, os.getcwd())
+import numpy, torch, pytest  # noqa: F401  (loaded once, shared by every child)
+import wsae_core, wsae_core.{module}  # noqa: F401
+names, args, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+verdicts = {{}}
+for name in names:
+    pid = os.fork()
+    if pid == 0:
+        os.environ["MUTANT_UNDER_TEST"] = name
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1), os.dup2(devnull, 2)
+        signal.alarm(600)
+        os._exit(int(pytest.main(args)))
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    verdicts[name] = "survived" if code == 0 else "killed (timeout)" if code == -signal.SIGALRM else "killed"
+    print(name, verdicts[name], flush=True)
+    with open(out, "w") as f:
+        json.dump(verdicts, f, indent=1)
+"""
+
+
+def _forked(args, mutants: Path, python: str, pytest_args: list[str]) -> int:
+    names = json.loads(args.names.read_text())
+    clean = subprocess.run([python, "-c", _FORK_RUNNER.format(module=args.module), json.dumps(["none"]),
+                            json.dumps(pytest_args), str(args.out.absolute())], cwd=mutants, capture_output=True, text=True)
+    if clean.returncode or "survived" not in clean.stdout:
+        raise SystemExit(f"the tests fail without a mutant in {mutants}:\n{clean.stdout[-2000:]}{clean.stderr[-2000:]}")
+    run = subprocess.run([python, "-c", _FORK_RUNNER.format(module=args.module), json.dumps(names),
+                          json.dumps(pytest_args), str(args.out.absolute())], cwd=mutants, text=True)
+    verdicts = json.loads(args.out.read_text()) if args.out.exists() else {}
+    print({v: list(verdicts.values()).count(v) for v in sorted(set(verdicts.values()))})
+    return run.returncode
 
 
 if __name__ == "__main__":

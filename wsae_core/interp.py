@@ -693,7 +693,7 @@ class OpenAIClient(ChatClient):
     not in :attr:`identity` (hence not in the response cache), not in ``repr``, and it is masked in
     every error message, even when a server echoes the request back. Every request has a ``timeout``
     (seconds) and is retried ``max_retries`` times on timeouts, connection errors, 408/409/429 and
-    5xx, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``) in between.
+    5xx, waiting ``backoff * 2**(attempt - 1)`` seconds (at most ``max_backoff``) before retry ``attempt`` (1, 2, ...).
 
     Option scoring asks for ``top_logprobs`` of the first reply token: through
     ``/chat/completions`` (``logprobs="chat"``, the chat template applied by the server) or through
@@ -1424,7 +1424,7 @@ class SurprisalScorer:
             logits, _ = self._run(ids, kv, P)
             lp = torch.log_softmax(logits.float(), -1).cpu()
             for i, s in enumerate(batch):
-                out.append([float(last[s[0]]), *lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].tolist()])
+                out.append([float(last[s[0]]), *lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:], dtype=torch.long)].tolist()])
         self.seconds_model += time.perf_counter() - t0
         return out
 

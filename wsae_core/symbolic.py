@@ -737,8 +737,8 @@ def common_scale_optimum(blocks: Sequence[int], block_weights: Sequence[Any], *,
         L_w += g**2 * r.sae
         L_gt += r.gt
     L_w, L_gt = sp.expand(L_w.subs(S, S_)), sp.expand(L_gt.subs(S, S_))
-    if sp.Poly(L_w, c).coeff_monomial(c**4) == 0:
-        return sp.Integer(1), L_gt.subs(c, 1)  # every group is reconstructed exactly at c = 1
+    # Each group's c⁴ coefficient is E||W_p P W_pᵀ x_p||² (P the firing latents at c = 1), positive
+    # because some latent fires whenever x != 0: L_w is always the quartic that optimal_scale solves.
     c_star = optimal_scale(L_w)
     return c_star, sp.simplify(L_gt.subs(c, c_star))
 
