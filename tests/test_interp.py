@@ -509,3 +509,150 @@ def test_score_latents_scores_each_selectable_latent_and_skips_the_rest():
     assert lines[1].startswith("skip 'never': ") and lines[2].startswith("'cat again': ")
     assert I.score_latents(I.KeywordClient(), tokens, table.__getitem__, ["cat"], VOCAB) == \
         I.score_latents(I.KeywordClient(), tokens, table.__getitem__, ["cat"], VOCAB, config=I.SelectionConfig())
+
+
+# ----------------------------------------------------------------------------- selection details
+
+
+def test_window_bounds_clip_to_the_context_and_the_document():
+    cfg = I.SelectionConfig(window_before=3, window_after=2)
+    assert I._window(None, 10, 30, cfg) == (7, 13)  # 3 before, the token, 2 after
+    assert I._window(None, 1, 30, cfg) == (0, 4) and I._window(None, 29, 30, cfg) == (26, 30)
+    docs = np.array([0] * 9 + [1] * 21)
+    assert I._window(docs, 10, 30, cfg) == (9, 13)  # the window starts where document 1 does
+    assert I._window(docs, 7, 30, cfg) == (4, 9)  # and ends where document 0 does
+    zero = I.SelectionConfig(window_before=0, window_after=0)
+    assert I._window(None, 5, 30, zero) == (5, 6)
+
+
+def test_stratified_draws_one_per_bin_also_for_one_bin():
+    rng = np.random.default_rng(0)
+    order = np.arange(10)
+    assert len(I._stratified(order, 1, rng)) == 1
+    got = I._stratified(order, 5, rng)
+    assert [g // 2 for g in got] == [0, 1, 2, 3, 4]  # one from each pair of equal bins
+    assert I._stratified(order, 0, rng) == [] and I._stratified(order[:0], 3, rng) == []
+    assert sorted(I._stratified(order[:2], 5, rng)) == [0, 1]  # fewer items than bins: each once
+
+
+def test_negative_window_centres():
+    """Random centres lie at least ``window_before`` into the context (a full window before them);
+    fixed centres are uniform over every position (0 included) and the same for every latent;
+    contexts no longer than ``window_before`` get centre 0."""
+    cfg = I.SelectionConfig(window_before=3)
+    rng = np.random.default_rng(0)
+    ctx = np.arange(2000)
+    c = I._negative_centres(ctx, (2000, 6), cfg, rng)
+    assert c.min() == 3 and c.max() == 5
+    assert np.array_equal(I._negative_centres(ctx[:4], (2000, 3), cfg, rng), np.zeros(4, int))
+    assert np.array_equal(I._negative_centres(ctx[:4], (2000, 2), cfg, rng), np.zeros(4, int))
+    assert np.array_equal(I._negative_centres(ctx[:4], (2000, 4), cfg, rng), np.full(4, 3))
+    fixed = I.SelectionConfig(window_before=3, fixed_negative_windows=True)
+    f = I._negative_centres(ctx, (2000, 6), fixed, rng)
+    assert f.min() == 0 and f.max() == 5
+    assert np.array_equal(f[[5, 7]], I._negative_centres(np.array([5, 7]), (2000, 6), fixed, np.random.default_rng(9)))
+
+
+def test_selection_dtypes_and_per_latent_draws():
+    """Examples hold int64 ids and float32 activations whatever the input dtypes; the random draws
+    depend on the latent (two latents with the same activations get different quantile and negative
+    contexts) and a NumPy integer names the same latent as the Python int."""
+    tokens, acts, docs = toy(n_ctx=200, seed=3)
+    ex = I.select_examples(tokens.astype(np.int32), acts.astype(np.float64), doc_ids=docs, config=SMALL, latent=1)
+    for e in ex.explain + ex.activating + ex.non_activating:
+        assert e.token_ids.dtype == np.int64 and e.activations.dtype == np.float32
+    draws = {}
+    for lat in (1, 2, np.int64(1), "one"):
+        e = I.select_examples(tokens, acts, doc_ids=docs, config=SMALL, latent=lat)
+        draws[repr(lat)] = tuple(x.context for x in e.activating + e.non_activating)
+    assert draws["1"] == draws[repr(np.int64(1))]
+    assert len({draws["1"], draws["2"], draws["'one'"]}) == 3
+
+
+def test_selection_config_bounds():
+    for name in ("n_explain_top", "n_score_activating", "n_score_non_activating"):
+        assert getattr(I.SelectionConfig(**{name: 1}), name) == 1
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            I.SelectionConfig(**{name: 0})
+    for name in ("n_explain_quantile", "window_before", "window_after"):
+        assert getattr(I.SelectionConfig(**{name: 0}), name) == 0
+        with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+            I.SelectionConfig(**{name: -1})
+    assert I.SelectionConfig(mark_threshold=0.0).mark_threshold == 0.0
+    assert I.SelectionConfig(mark_threshold=0.99).mark_threshold == 0.99
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"mark_threshold must be in \[0, 1\)"):
+            I.SelectionConfig(mark_threshold=bad)
+
+
+class Recorder(I.KeywordClient):
+    """The keyword judge, recording every chat request and every option-scoring prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.chats, self.prompts = [], []
+
+    def chat(self, messages, *, max_tokens=48):
+        self.chats.append((messages, max_tokens))
+        return super().chat(messages, max_tokens=max_tokens)
+
+    def score_options(self, prompts, options):
+        self.prompts += list(prompts)
+        return super().score_options(prompts, options)
+
+
+def test_explain_detect_fuzz_send_what_they_document():
+    """The explainer gets the explanation contexts with ``max_tokens`` (default 40); ``score_latent``
+    keeps the latent and passes its seed to fuzzing; fuzzing sends each fuzzable context twice (right
+    and random marks, the explanation in both), skipping, not stopping at, a context it cannot fuzz."""
+    tokens, acts, docs = toy()
+    ex = I.select_examples(tokens, acts, doc_ids=docs, config=SMALL, latent=1)
+    rec = Recorder()
+    expl = I.explain(rec, ex, VOCAB)
+    assert rec.chats == [(I.explainer_messages(ex.explain, VOCAB), 40)]
+    I.explain(rec, ex, VOCAB, max_tokens=7)
+    assert rec.chats[-1][1] == 7
+    s0, s5 = I.score_latent(Recorder(), ex, VOCAB), I.score_latent(Recorder(), ex, VOCAB, seed=5)
+    assert s0.latent == 1 and s0.explanation == expl
+    r0, r5, rd = Recorder(), Recorder(), Recorder()
+    I.fuzzing(r0, expl, ex, VOCAB, seed=0), I.fuzzing(r5, expl, ex, VOCAB, seed=5), I.fuzzing(rd, expl, ex, VOCAB)
+    assert rd.prompts == r0.prompts != r5.prompts
+    rng = np.random.default_rng(0)
+    want = []
+    for e in ex.activating:
+        fake = I.random_marking(e, rng)
+        want += [I.fuzzing_messages(expl, I.format_example(e, VOCAB)),
+                 I.fuzzing_messages(expl, I.format_example(e, VOCAB, marked=fake))]
+    assert r0.prompts == want
+    # an activating window with every token marked cannot be fuzzed: skipped, the others still are
+    full = ex.activating[0]._replace(marked=np.ones_like(ex.activating[0].marked))
+    rs = Recorder()
+    res = I.fuzzing(rs, expl, ex._replace(activating=[full, *ex.activating[1:]]), VOCAB)
+    assert len(rs.prompts) == 2 * (len(ex.activating) - 1) and len(res.truth) == len(rs.prompts)
+    assert I.fuzzing(Recorder(), expl, ex._replace(activating=[full]), VOCAB) is None
+
+
+def test_prompt_texts_exactly():
+    tokens, acts, docs = toy()
+    ex = I.select_examples(tokens, acts, doc_ids=docs, config=SMALL, latent=1)
+    with_list = I.explainer_messages(ex.explain, VOCAB)[1]["content"]
+    without = I.explainer_messages(ex.explain, VOCAB, list_marked=False)[1]["content"]
+    line = "\n\nMarked words: " + ", ".join(I.marked_words(ex.explain, VOCAB))
+    assert line in with_list and without == with_list.replace(line, "")
+    texts, truth = I.scoring_texts(ex, VOCAB)
+    assert texts == [I.format_example(e, VOCAB, mark=False) for e in ex.activating + ex.non_activating]
+    assert truth == [1] * len(ex.activating) + [0] * len(ex.non_activating)
+    assert not any(I.MARK_OPEN in t for t in texts)
+    assert I.surprisal_prefix("a  word\n about\tcats") == I.SURPRISAL_SHOTS + "Description: a word about cats\nSentences:\n"
+    words = I.marked_words([_ex([2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9, 2, 9],
+                                [1, 0] * 12)], VOCAB)
+    assert words == ["cat"] * 12
+    words = I.marked_words([_ex([2, 9] * 12, [1, 0] * 12)] * 2, VOCAB)
+    assert len(words) == 20 and I.marked_words([_ex([2, 9] * 12, [1, 0] * 12)] * 2, VOCAB, limit=21) == ["cat"] * 21
+
+
+@pytest.mark.parametrize("text, want", [("Answer: yes, not no", 1), ("answer: No. Yes would be wrong", 0),
+                                        ("ANSWER no (yes?)", 0)])
+def test_parse_yes_no_skips_an_answer_prefix(text, want):
+    """The first word after an "Answer:" prefix decides, even when the reply goes on to name the other."""
+    assert I.parse_yes_no(text) == want

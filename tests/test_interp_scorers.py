@@ -734,3 +734,31 @@ def test_the_default_scorer_identities_are_the_committed_caches():
         assert I.scorer_store(sc.identity, folder).path.is_file(), sc.identity
     assert I.SurprisalScorer(object(), model_name="other/model").identity == "surprisal:other/model:78700efe"
     assert I.SurprisalScorer(object(), model_name="m", precision="fp32").precision == "fp32"
+
+
+def test_embedding_scorer_bookkeeping(tmp_path):
+    """Spans of one token and stride one are allowed; a window of exactly ``span`` tokens is one
+    passage; similarities are stored under their documented key and kind, with 5 decimals; a miss
+    is counted (or refused, naming its key); the model time starts at zero and accumulates."""
+    words = [v.strip() for v in VOCAB]
+    bow = lambda texts: torch.tensor([[t.split().count(w) + 0.01 for w in words] for t in texts])  # noqa: E731
+    ex3 = _ex([2, 3, 4], [1, 0, 0])  # "cat sat on"
+    one = I.EmbeddingScorer(bow, span=1, stride=1)
+    assert one.passages(ex3, VOCAB) == [I.format_example(ex3, VOCAB, mark=False), "cat", "sat", "on"]
+    assert I.EmbeddingScorer(bow, span=3).passages(ex3, VOCAB) == [I.format_example(ex3, VOCAB, mark=False)]
+    assert one.seconds_model == 0.0
+    groups = [one.passages(ex3, VOCAB), ["the dog ran"]]
+    store = I.JsonlStore(tmp_path / "e.jsonl")
+    sc = I.EmbeddingScorer(bow, store=store, span=1, stride=1)
+    got = sc.similarities("a cat", groups)
+    assert sc.seconds_model > 0 and store.misses == 1
+    first = sc.seconds_model
+    sc.similarities("a dog", groups)
+    assert first < sc.seconds_model < 60
+    entries = [json.loads(l) for l in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert entries[0]["key"] == I._key([sc.identity, "a cat", groups]) and entries[0]["kind"] == "similarity"
+    assert entries[0]["response"] == got and all(round(v, 5) == v for v in got)
+    assert I.EmbeddingScorer(bow, span=1, stride=1).similarities("a cat", groups) == got  # no store
+    strict = I.EmbeddingScorer(bow, store=I.JsonlStore(tmp_path / "none.jsonl", allow_miss=False), span=1, stride=1)
+    with pytest.raises(I.CacheMiss, match=I._key([strict.identity, "a fox", groups])):
+        strict.similarities("a fox", groups)
