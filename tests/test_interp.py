@@ -656,3 +656,30 @@ def test_prompt_texts_exactly():
 def test_parse_yes_no_skips_an_answer_prefix(text, want):
     """The first word after an "Answer:" prefix decides, even when the reply goes on to name the other."""
     assert I.parse_yes_no(text) == want
+
+
+@pytest.mark.parametrize("per_document", [False, True])
+def test_selection_at_its_limits(per_document):
+    """Exactly as many activating contexts as needed (3 top + 2 quantile + 4 held out) and exactly as
+    many silent ones as detection needs: each activating context is used once, the strongest three
+    go first, marks are the tokens above 0.3 of the latent's maximum."""
+    T, need = 16, SMALL.n_activating_needed
+    tokens = np.tile(np.arange(1, T + 1) % len(VOCAB), (need + 4, 1))
+    acts = np.zeros(tokens.shape, np.float32)
+    peaks = np.linspace(2.0, 0.5, need).astype(np.float32)
+    for c, pk in enumerate(peaks):
+        acts[c, 8], acts[c, 9] = pk, 0.25 * pk  # the second token stays below 0.3 of the maximum
+    cfg = I.SelectionConfig(**{**SMALL.__dict__, "negatives_per_document": per_document})
+    ex = I.select_examples(tokens, acts, config=cfg, latent=3)
+    assert ex.max_activation == pytest.approx(2.0) and ex.n_activating == need
+    used = [e.context for e in ex.explain + ex.activating]
+    assert sorted(used) == list(range(need)) and used[:3] == [0, 1, 2]
+    assert sorted(e.context for e in ex.non_activating) == list(range(need, need + 4))
+    for e in ex.explain + ex.activating:
+        assert np.array_equal(e.marked, e.activations > 0.3 * 2.0)
+    weakest = [e for e in ex.explain + ex.activating if e.context == need - 1][0]
+    assert ex.explain[0].marked.sum() == 1 and weakest.marked.sum() == 0  # 0.5 < 0.3 * 2.0
+    with pytest.raises(I.NotEnoughExamples, match="fires in 8 documents; scoring needs 9"):
+        I.select_examples(tokens[1:], np.delete(acts, 0, axis=0)[:, :], config=cfg)
+    with pytest.raises(I.NotEnoughExamples, match="silent in only 3 contexts"):
+        I.select_examples(tokens[:-1], acts[:-1], config=cfg)

@@ -653,6 +653,9 @@ def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, tiny_lm):
         seq.append(int(_last_logprobs(tiny_lm, seq)[-1].argmax()))
     want = tiny_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
     assert tiny_chat.chat(PROMPTS[0], max_tokens=5) == want
+    for _ in range(48 - 5):  # the default: 48 new tokens
+        seq.append(int(_last_logprobs(tiny_lm, seq)[-1].argmax()))
+    assert tiny_chat.chat(PROMPTS[0]) == tiny_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
     assert tiny_chat._pad_token() == tiny_lm.tokenizer.eos_token_id  # no pad token in this tokenizer
     before = tiny_chat.score_options(PROMPTS, ["the", " cat"])
     tok = tiny_lm.tokenizer
@@ -762,3 +765,27 @@ def test_embedding_scorer_bookkeeping(tmp_path):
     strict = I.EmbeddingScorer(bow, store=I.JsonlStore(tmp_path / "none.jsonl", allow_miss=False), span=1, stride=1)
     with pytest.raises(I.CacheMiss, match=I._key([strict.identity, "a fox", groups])):
         strict.similarities("a fox", groups)
+
+
+def test_chat_judge_configuration(tiny_lm):
+    """Defaults as documented; a hub id or folder is a name loaded on first use, an object with a
+    tokenizer and a model is a loaded model (its own name), anything else is a name."""
+    from types import SimpleNamespace
+
+    from wsae_core.lm import SMOLLM2
+
+    c = I.HFChatClient()
+    assert (c.batch_size, c.max_prompt_tokens, c.precision, c.model_name, c._lm) == (8, 2048, "fp32", SMOLLM2, None)
+    assert I.HFChatClient(batch_size=1).batch_size == 1 and I.HFChatClient(precision="bf16").precision == "bf16"
+    hub = I.HFChatClient("meta-llama/Llama-3.1-8B-Instruct")
+    assert hub._lm is None and hub.identity == "hf:meta-llama/Llama-3.1-8B-Instruct:float32"
+    for half in (SimpleNamespace(tokenizer=1), SimpleNamespace(model=1)):
+        assert I.HFChatClient(half)._lm is None
+    given = I.HFChatClient(tiny_lm)
+    assert given._lm is tiny_lm and given.model_name == tiny_lm.name and given.identity == f"hf:{tiny_lm.name}:float32"
+    assert given.compute_dtype == torch.float32
+    # a loaded model brings its compute dtype, and bf16 compute is part of the identity
+    bf16_lm = SimpleNamespace(tokenizer=tiny_lm.tokenizer, model=tiny_lm.model, name="m", compute_dtype=torch.bfloat16)
+    got = I.HFChatClient(bf16_lm)
+    assert got.compute_dtype == torch.bfloat16 and got.identity == "hf:m:float32:bf16-autocast"
+    assert I.HFChatClient(dtype="bfloat16").compute_dtype == torch.bfloat16  # bf16 weights compute in bf16
