@@ -683,3 +683,10 @@ def test_selection_at_its_limits(per_document):
         I.select_examples(tokens[1:], np.delete(acts, 0, axis=0)[:, :], config=cfg)
     with pytest.raises(I.NotEnoughExamples, match="silent in only 3 contexts"):
         I.select_examples(tokens[:-1], acts[:-1], config=cfg)
+
+
+def test_format_example_puts_newlines_on_one_line():
+    """A prompt shows each excerpt on one line: newline tokens become spaces (marked or not)."""
+    assert I.format_example(_ex([1, 9, 2], [0, 0, 0]), VOCAB) == "the cat"
+    assert "\n" not in I.format_example(_ex([1, 9, 2, 9], [0, 1, 1, 0]), VOCAB)
+    assert I.format_example(_ex([1, 9, 2], [0, 0, 1]), VOCAB, marked=[1, 0, 0]) == "<<the>> cat"

@@ -789,3 +789,80 @@ def test_chat_judge_configuration(tiny_lm):
     got = I.HFChatClient(bf16_lm)
     assert got.compute_dtype == torch.bfloat16 and got.identity == "hf:m:float32:bf16-autocast"
     assert I.HFChatClient(dtype="bfloat16").compute_dtype == torch.bfloat16  # bf16 weights compute in bf16
+
+
+def test_baseline_explainer_statistics_against_their_definitions():
+    """``ranked_tokens``' counts, G statistic and lift, the corpus topic words and the topic rule,
+    each recomputed here with plain loops in float64 from the docstring's definitions."""
+    import math
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, len(VOCAB), size=(30, 10))
+    tokens[:8, ::2] = 13  # " silent" is frequent in topic 1's contexts
+    labels = np.zeros_like(tokens)
+    labels[:8] = 1
+    names = ["Other", "Animals"]
+    bx = I.BaselineExplainer(tokens, VOCAB, labels=labels, label_names=names, min_lift=1.5, max_tokens=3)
+    flat = tokens.ravel().tolist()
+    counts = [flat.count(t) for t in range(len(VOCAB))]
+    background = [(n + 0.5) / (len(flat) + 0.5 * len(VOCAB)) for n in counts]
+    np.testing.assert_allclose(bx.background, background, rtol=1e-12)
+    excerpts = [_ex([2, 3, 2, 6], [1, 0, 1, 0], context=0), _ex([2, 5, 6, 6], [1, 0, 0, 1], context=1),
+                _ex([4, 4, 7], [0, 1, 0], context=2)]
+    window = [t for e in excerpts for t in e.token_ids.tolist()]
+    got = {r[0]: r[1:] for r in bx.ranked_tokens(excerpts)}
+    for t in (2, 6, 4):
+        n_ex = sum(bool(e.marked[e.token_ids == t].any()) for e in excerpts)
+        occ = window.count(t)
+        expected = len(window) * background[t]
+        g, lift = 2 * occ * math.log(occ / expected), occ / expected
+        assert got[t] == (n_ex, pytest.approx(g, rel=1e-12), pytest.approx(lift, rel=1e-12)), t
+    assert set(got) == {2, 4, 6}
+    order = [r[0] for r in bx.ranked_tokens(excerpts)]
+    good = [t for t in order if got[t][0] >= 2 and got[t][2] >= 1.5]
+    assert order[: len(good)] == sorted(good, key=lambda t: -got[t][1])  # recurring, enriched ones first, by G
+    assert bx.ranked_tokens([_ex([2, 3], [0, 0])]) == []
+    # corpus topic words: word-initial alphabetic tokens longer than 4 characters with >= 5 occurrences
+    # in the topic, more than expected, ranked by G (at most max_tokens)
+    for i, name in enumerate(names):
+        occ = [sum(1 for t, l in zip(flat, labels.ravel().tolist()) if l == i and t == v) for v in range(len(VOCAB))]
+        total = sum(occ)
+        want = []
+        for v, word in enumerate(VOCAB):
+            exp = total * counts[v] / len(flat)
+            if len(word) > 4 and word[0] == " " and word[1:].isalpha() and occ[v] >= 5 and occ[v] > exp:
+                want.append((-2 * occ[v] * math.log(occ[v] / exp), v))
+        assert bx.topic_words[name] == [v for _, v in sorted(want)][:3], name
+    # the topic rule: the excerpts' label at their strongest token, share >= topic_share and
+    # >= topic_lift x its corpus rate (the rates here: 8/30 and 22/30)
+    at = lambda c: _ex([1, 2], [0.1, 1.0], context=c)  # noqa: E731  (strongest token at position 1)
+    assert bx.topic([at(0), at(1), at(2), at(20)]) == "Animals"  # share 3/4 >= 0.5 and >= 2 x 8/30
+    assert bx.topic([at(0), at(20), at(21)]) is None  # share 1/3 < 0.5
+    assert bx.topic([at(20), at(21)]) is None  # "Other": share 1 < 2 x 22/30
+    shifted = I.Example(0, 5, np.array([1, 2]), np.array([1.0, 0.1], np.float32), np.array([True, False]))
+    lab = labels.copy()
+    lab[0, 5] = 0
+    # the label is read at the window's start plus the strongest token's position: (0, 5), not (0, 0)
+    assert I.BaselineExplainer(tokens, VOCAB, labels=lab, label_names=names, topic_lift=1.0).topic([shifted] * 2) == "Other"
+
+
+def test_baseline_explainer_branches_at_their_limits():
+    """The token branch holds when the leading token is marked in exactly half of the excerpts; the
+    bigram needs a recurring predecessor; the word lists stop at ``max_tokens``; nothing marked and no
+    topic gives "(no explanation)"."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(1, len(VOCAB), size=(30, 10))
+    bx = I.BaselineExplainer(tokens, VOCAB, min_lift=0.0, max_tokens=2)
+    half = [_ex([9, 2], [0, 1], context=0), _ex([9, 2], [0, 1], context=1), _ex([5, 6], [0, 0], context=2),
+            _ex([5, 7], [0, 0], context=3)]
+    assert bx(half) == 'the word "cat" (as in "a cat")'  # 2 of 4 excerpts; " a cat" twice
+    once = [_ex([9, 2], [0, 1], context=0), _ex([4, 2], [0, 1], context=1)]
+    assert bx(once) == 'the word "cat"'  # no predecessor recurs
+    spread = [_ex([t, 8], [1, 0], context=i) for i, t in enumerate((3, 4, 5, 6, 7))]
+    assert bx(spread).startswith("words such as ") and bx(spread).count('"') == 4  # two words
+    assert bx([_ex([3, 4], [0, 0], context=i) for i in range(3)]) == "(no explanation)"
+    with pytest.raises(ValueError, match="max_tokens must be positive, got 0"):
+        I.BaselineExplainer(tokens, VOCAB, max_tokens=0)
+    with pytest.raises(ValueError, match=r"tokens must be \(n_contexts, context_len\)"):
+        I.BaselineExplainer(tokens.ravel(), VOCAB)
+    assert I.BaselineExplainer(tokens, VOCAB, max_tokens=1)(spread).count('"') == 2
