@@ -690,3 +690,13 @@ def test_format_example_puts_newlines_on_one_line():
     assert I.format_example(_ex([1, 9, 2], [0, 0, 0]), VOCAB) == "the cat"
     assert "\n" not in I.format_example(_ex([1, 9, 2, 9], [0, 1, 1, 0]), VOCAB)
     assert I.format_example(_ex([1, 9, 2], [0, 0, 1]), VOCAB, marked=[1, 0, 0]) == "<<the>> cat"
+
+
+def test_parse_explanation_finds_a_later_labelled_line_and_cuts_at_160():
+    assert I.parse_explanation("Let me look at the excerpts.\nEXPLANATION: the word cat") == "the word cat"
+    assert I.parse_explanation("Some thoughts first.\n[Explanation] : dates and years") == "dates and years"
+    cut = I.parse_explanation(("word " * 60).strip())
+    assert cut.endswith("...") and 150 <= len(cut) - 3 <= 160 and len(I.parse_explanation("w " * 79 + "w")) == 159
+    content = I.explainer_messages([_ex([1, 2], [0, 1])], VOCAB)[1]["content"]
+    assert content.startswith("Text excerpts, with some words marked like <<this>>:\n1. the <<cat>>")
+    assert content.endswith('\n\nMarked words: cat\n\nWhat do the marked words have in common?')
