@@ -708,8 +708,7 @@ def test_surprisal_score_counts_and_checks(tiny_lm):
     sc.token_logprobs('the word "cat"', long)
     t1, s1 = sc.tokens_run, sc.seconds_model
     assert t1 > 0 and 0 < s1 < 60
-    one = sc.token_logprobs('the word "cat"', ["1"])  # one token: its log-probability right after the prompt
-    assert len(one) == 1 and len(one[0]) == 1
+    sc.token_logprobs('the word "cat"', long[:1])
     assert sc.tokens_run > t1 and s1 < sc.seconds_model < 60
     with pytest.raises(ValueError, match="at least one token"):
         sc.token_logprobs('the word "cat"', ["the", ""])
@@ -720,6 +719,16 @@ def test_surprisal_score_counts_and_checks(tiny_lm):
     assert res.truth == truth and len(res.scores) == len(texts)
     assert res.auroc == pytest.approx(I.roc_auc(truth, res.scores))
     assert all(isinstance(v, float) for v in res.scores)
+
+
+def test_surprisal_scores_a_one_token_context(tiny_lm):
+    """A context of one token: its log-probability right after the prompt (an empty index was once
+    a float tensor and crashed)."""
+    sc = I.SurprisalScorer(tiny_lm)
+    one = sc.token_logprobs('the word "cat"', ["1"])
+    ids = tiny_lm.tokenizer("1", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1 and len(one) == 1 and len(one[0]) == 1
+    assert one[0][0] == pytest.approx(_plain_token_logprobs(tiny_lm, I.surprisal_prefix('the word "cat"'), "1")[0], abs=1e-5)
 
 
 def test_the_default_scorer_identities_are_the_committed_caches():
