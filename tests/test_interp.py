@@ -323,15 +323,19 @@ class FakeServer(http.server.BaseHTTPRequestHandler):
         self._send(404, {"error": "no such route"})
 
     def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client timed out and closed the connection: expected in the timeout test
+        send_json(self, code, json.dumps(obj).encode())
+
+
+def send_json(handler: http.server.BaseHTTPRequestHandler, code: int, data: bytes) -> None:
+    """A stub endpoint's JSON reply (shared with tests/test_interp_clients.py)."""
+    try:
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client timed out and closed the connection: expected in the timeout tests
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import socket
 import threading
 
 import pytest
+from test_interp import send_json
 
 from wsae_core import interp as I
 
@@ -75,15 +76,7 @@ class Stub(http.server.BaseHTTPRequestHandler):
             st["release"].wait(5)
             return
         code, obj = reply
-        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        send_json(self, code, obj if isinstance(obj, bytes) else json.dumps(obj).encode())
 
 
 class Endpoint:
