@@ -588,14 +588,34 @@ def test_the_compute_precision_is_part_of_the_cache_identity():
 # ----------------------------------------------------------------------------- the local chat judge
 
 
+@pytest.fixture(scope="module")
+def sharp_lm(tmp_path_factory):
+    """The tiny GPT-NeoX with its attention and output weights scaled up: peaked attention and
+    next-token distributions, so that a padding token attended to, or a real token placed one
+    position off, moves a log-probability by far more than fp32 rounding (~1e-6; with the random
+    weights alone, by ~1e-4)."""
+    from wsae_core import lm as L
+
+    texts = ["the cat sat on the mat. a big red fox ran.", "years and dates: 1871, 1904, 1958.",
+             "the river carried timber to the coast.", "sodium chloride dissolves in water."] * 20
+    lm = L.load_lm(L.make_tiny_gpt_neox(tmp_path_factory.mktemp("sharp"), texts, n_layers=2, d_model=32, vocab_size=400),
+                   precision="fp32")
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "query_key_value.weight" in name:
+                p.mul_(10.0)
+        lm.model.get_output_embeddings().weight.mul_(20.0)
+    return lm
+
+
 @pytest.fixture
-def tiny_chat(tiny_lm):
+def tiny_chat(sharp_lm):
     """An :class:`HFChatClient` over the tiny GPT-NeoX with a plain chat template (set for the test)."""
-    tok = tiny_lm.tokenizer
+    tok = sharp_lm.tokenizer
     old = tok.chat_template
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    yield I.HFChatClient(tiny_lm, batch_size=2)
+    yield I.HFChatClient(sharp_lm, batch_size=2)
     tok.chat_template = old
 
 
@@ -614,51 +634,55 @@ PROMPTS = [[{"role": "user", "content": "the cat sat on the mat. Does it?"}],
            [{"role": "user", "content": "the river carried timber to the coast and the fox ran to the mat"}]]
 
 
-def test_chat_judge_single_token_options_equal_unpadded_forward_passes(tiny_chat, tiny_lm):
+def test_chat_judge_single_token_options_equal_unpadded_forward_passes(tiny_chat, sharp_lm):
     """One forward pass per prompt, batched two at a time with left padding and position ids: each
     option's score is the next-token log-probability of an unpadded pass over that prompt alone."""
     options = ["the", " cat", "Yes"][:2]
     got = tiny_chat.score_options(PROMPTS, options)
     assert len(got) == len(PROMPTS) and all(len(r) == 2 for r in got)
     for p, row in zip(PROMPTS, got):
-        ids = _prompt_ids(tiny_lm, p)
+        ids = _prompt_ids(sharp_lm, p)
         assert tiny_chat._encode(p) == ids
-        lp = _last_logprobs(tiny_lm, ids)[-1]
-        want = [float(lp[tiny_lm.tokenizer(o, add_special_tokens=False)["input_ids"][0]]) for o in options]
-        np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-4)
+        lp = _last_logprobs(sharp_lm, ids)[-1]
+        want = [float(lp[sharp_lm.tokenizer(o, add_special_tokens=False)["input_ids"][0]]) for o in options]
+        np.testing.assert_allclose(row, want, rtol=0, atol=2e-5)
 
 
-def test_chat_judge_multi_token_options_sum_their_tokens(tiny_chat, tiny_lm):
+def test_chat_judge_multi_token_options_sum_their_tokens(tiny_chat, sharp_lm):
     """Options of several tokens: the sum of each token's log-probability after the prompt and the
     option's earlier tokens (an unpadded pass over prompt + option)."""
     options = ["sodium chloride", "the", "river"]
     got = tiny_chat.score_options(PROMPTS, options)
     assert len(got) == len(PROMPTS) and all(len(r) == len(options) for r in got)
     for p, row in zip(PROMPTS, got):
-        base = _prompt_ids(tiny_lm, p)
+        base = _prompt_ids(sharp_lm, p)
         for o, value in zip(options, row):
-            oid = tiny_lm.tokenizer(o, add_special_tokens=False)["input_ids"]
-            lp = _last_logprobs(tiny_lm, base + oid)
+            oid = sharp_lm.tokenizer(o, add_special_tokens=False)["input_ids"]
+            lp = _last_logprobs(sharp_lm, base + oid)
             want = sum(float(lp[len(base) - 1 + j, t]) for j, t in enumerate(oid))
-            assert value == pytest.approx(want, rel=1e-4, abs=1e-4), (o, p)
+            assert value == pytest.approx(want, rel=0, abs=2e-5), (o, p)
     assert got[0][0] != got[1][0]  # the prompt matters
 
 
-def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, tiny_lm):
+def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, sharp_lm):
     """``chat`` is greedy decoding of ``max_tokens`` tokens after the template's assistant prefix (each
-    step the argmax of an unpadded forward pass); errors name the bad value."""
-    ids = _prompt_ids(tiny_lm, PROMPTS[0])
+    step the argmax of an unpadded forward pass), stopped at the end-of-text token, which the reply
+    does not show; errors name the bad value."""
+    ids = _prompt_ids(sharp_lm, PROMPTS[0])
     seq = list(ids)
     for _ in range(5):
-        seq.append(int(_last_logprobs(tiny_lm, seq)[-1].argmax()))
-    want = tiny_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
+        seq.append(int(_last_logprobs(sharp_lm, seq)[-1].argmax()))
+    want = sharp_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
     assert tiny_chat.chat(PROMPTS[0], max_tokens=5) == want
-    for _ in range(48 - 5):  # the default: 48 new tokens
-        seq.append(int(_last_logprobs(tiny_lm, seq)[-1].argmax()))
-    assert tiny_chat.chat(PROMPTS[0]) == tiny_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
-    assert tiny_chat._pad_token() == tiny_lm.tokenizer.eos_token_id  # no pad token in this tokenizer
+    eos = sharp_lm.tokenizer.eos_token_id
+    while len(seq) < len(ids) + 48 and seq[-1] != eos:  # the default: 48 new tokens, or up to the end of text
+        seq.append(int(_last_logprobs(sharp_lm, seq)[-1].argmax()))
+    assert seq[-1] == eos and len(seq) < len(ids) + 48  # this model ends its reply: the end token is not shown
+    assert tiny_chat.chat(PROMPTS[0]) == sharp_lm.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
+    assert "<|endoftext|>" not in tiny_chat.chat(PROMPTS[0])
+    assert tiny_chat._pad_token() == sharp_lm.tokenizer.eos_token_id  # no pad token in this tokenizer
     before = tiny_chat.score_options(PROMPTS, ["the", " cat"])
-    tok = tiny_lm.tokenizer
+    tok = sharp_lm.tokenizer
     tok.pad_token = tok.convert_ids_to_tokens(5)
     try:  # a pad token of its own is used, and padding stays masked whatever its id
         assert tiny_chat._pad_token() == 5
@@ -669,12 +693,12 @@ def test_chat_judge_generates_greedily_and_checks_its_input(tiny_chat, tiny_lm):
         tiny_chat.score_options(PROMPTS, ["the"])
     with pytest.raises(ValueError, match="at least one token"):
         tiny_chat.score_options(PROMPTS, ["the", ""])
-    short = I.HFChatClient(tiny_lm, max_prompt_tokens=len(ids) - 1)
+    short = I.HFChatClient(sharp_lm, max_prompt_tokens=len(ids) - 1)
     with pytest.raises(ValueError, match=f"prompt has {len(ids)} tokens, more than max_prompt_tokens = {len(ids) - 1}"):
         short.score_options(PROMPTS[:1], ["the", " cat"])
-    assert I.HFChatClient(tiny_lm, max_prompt_tokens=len(ids))._encode(PROMPTS[0]) == ids
+    assert I.HFChatClient(sharp_lm, max_prompt_tokens=len(ids))._encode(PROMPTS[0]) == ids
     with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
-        I.HFChatClient(tiny_lm, batch_size=0)
+        I.HFChatClient(sharp_lm, batch_size=0)
 
 
 def test_surprisal_whole_window_gain_is_the_per_token_log_likelihood_difference(tiny_lm, tmp_path):

@@ -179,3 +179,12 @@ def test_evaluate_recovery_closed_form_is_exact_at_extreme_sparsity():
     assert r["shrinkage"] == pytest.approx(1.0, abs=1e-6)
     assert r["vanished"] == 0.0
     assert r["matched"] == 1.0 and r["l_gt_unmatched"] == 0.0
+
+
+def test_a_one_element_float_perm_is_refused_by_name():
+    """A float ``perm`` of one element is refused like any float one, not left to fail as an index."""
+    with pytest.raises(ValueError, match="perm must be a 1-D integer array"):
+        metrics.feature_shrinkage(np.ones((4, 1)), np.ones((4, 3)), perm=np.array([0.0]))
+    with pytest.raises(ValueError, match="perm must be a 1-D integer array"):
+        metrics.vanished_fraction(np.ones((4, 1)), np.ones((4, 3)), perm=np.array([1.0]))
+    assert metrics.feature_shrinkage(np.ones((4, 1)), np.full((4, 3), 0.5), perm=np.array([2])).tolist() == [0.5]

@@ -573,6 +573,18 @@ def test_nonfinite_gradient_is_named():
         t.fit()
 
 
+def test_gradient_of_finite_entries_whose_sum_overflows_is_named():
+    """Every entry finite, their float32 sum infinite: the check (on the sum) stops, and the message
+    says so instead of pointing at an entry."""
+    from wsae_core.checks import NonFiniteError
+
+    t = _trainer("relu", steps=20)
+    t.fit(until=3)
+    t.model.W_enc.register_hook(lambda g: torch.full_like(g, 3e38))
+    with pytest.raises(NonFiniteError, match="^step 3: the gradient of W_enc has entries summing to inf \\(the batch is finite"):
+        t.fit()
+
+
 def test_checkpoint_files_are_named_when_refused(tmp_path):
     """Each refusal names the checkpoint and the file: altered (the manifest catches it), or crafted
     to match a rewritten manifest (then the reader does, naming what the file should hold)."""

@@ -419,6 +419,26 @@ def test_splice_kl_and_ce_are_the_formulas(tiny_lm):
 # ----------------------------------------------------------------------------- WSAE weights
 
 
+def test_splice_recovered_is_nan_when_ablation_changes_nothing(tmp_path):
+    """A model whose final layer norm outputs zeros predicts the same (uniform) distribution whatever
+    the residual stream holds: the ablated and clean losses are equal, so CE recovered is undefined
+    (NaN, not a division by zero), and every KL is 0."""
+    import math
+
+    from wsae_core import lm as L
+
+    texts = ["the cat sat on the mat.", "a big red fox ran."] * 10
+    lm = L.load_lm(L.make_tiny_gpt_neox(tmp_path, texts, n_layers=1, d_model=16, vocab_size=200), precision="fp32")
+    with torch.no_grad():
+        lm.model.gpt_neox.final_layer_norm.weight.zero_()
+        lm.model.gpt_neox.final_layer_norm.bias.zero_()
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    res = L.splice_layers(lm, ids, {0: {"double": lambda h: 2.0 * h}})[0]["double"]
+    V = lm.model.config.vocab_size
+    assert res.ce_clean == res.ce_ablated == res.ce_spliced == pytest.approx(math.log(V), rel=1e-6)
+    assert math.isnan(res.ce_recovered) and res.kl == 0.0
+
+
 def test_learned_oracle_gamma_inputs_that_mean_the_same():
     """Atoms of any norm, as a tensor (even one that requires grad), array or list, and ``alive`` as
     booleans or 0/1 give the same Γ as the Frobenius-optimal Γ of the kept unit atoms."""
