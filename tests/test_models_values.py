@@ -23,16 +23,22 @@ def test_auxk_factor_against_its_definition():
     assert zero == pytest.approx(var(x) / 1e-30, rel=1e-12)  # a constant residual: finite, not inf
 
 
-@pytest.mark.parametrize("kk", [1, 2, 5])
-def test_rows_dot_against_a_loop(kk):
-    g = torch.Generator().manual_seed(kk)
-    W, G = torch.randn(7, 4, generator=g), torch.randn(3, 4, generator=g)
-    idx = torch.stack([torch.randperm(7, generator=g)[:kk] for _ in range(3)])
-    out = models._rows_dot(W, idx, G)
-    assert out.shape == (3, kk)
-    for b in range(3):
-        for j in range(kk):
-            assert float(out[b, j]) == pytest.approx(float(W[idx[b, j]].double() @ G[b].double()), abs=1e-5)
+@pytest.mark.parametrize("kks", [(1,), (2,), (5,), (3, 2)])
+def test_latent_major_rows_dot_against_a_loop(kks):
+    """``_LatentMajor.rows_dot``: every selected pair's dot product, for one selection and for two
+    (the Top-k and AuxK terms, whose dense rows are stacked), back in each term's (batch, kk) order."""
+    g = torch.Generator().manual_seed(sum(kks))
+    B, n_m, d = 3, 7, 4
+    W = torch.randn(n_m, d, generator=g)
+    idx_l = [torch.stack([torch.randperm(n_m, generator=g)[:kk] for _ in range(B)]) for kk in kks]
+    G = torch.randn(len(kks) * B, d, generator=g)
+    out = models._LatentMajor(idx_l, n_m).rows_dot(W, G)
+    assert [o.shape for o in out] == [(B, kk) for kk in kks]
+    for t, (o, idx) in enumerate(zip(out, idx_l)):
+        for b in range(B):
+            for j in range(idx.shape[1]):
+                want = float(W[idx[b, j]].double() @ G[t * B + b].double())
+                assert float(o[b, j]) == pytest.approx(want, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind,kw", [("relu", {}), ("topk", {"k": 2})])
@@ -63,6 +69,17 @@ def test_stable_argsort_keeps_the_order_of_ties():
     keys = torch.randint(0, 7, (5000,), generator=torch.Generator().manual_seed(5))
     ref = sorted(range(5000), key=lambda i: int(keys[i]))
     assert models._stable_argsort(keys).tolist() == ref
+    assert models._stable_argsort(keys, 7).tolist() == ref  # as 16-bit keys (numpy's radix sort)
+
+
+@pytest.mark.parametrize("bound", [2**16, 2**16 + 1, 2**20])
+def test_stable_argsort_with_a_bound_near_16_bits(bound):
+    """Keys up to ``bound - 1`` sort the same with the bound (16-bit keys up to 2^16, else 64-bit)
+    as without it: nothing wraps around at 2^16."""
+    g = torch.Generator().manual_seed(bound)
+    keys = torch.cat([torch.randint(0, bound, (3000,), generator=g), torch.tensor([bound - 1, 0, bound - 1, 1])])
+    ref = sorted(range(len(keys)), key=lambda i: int(keys[i]))
+    assert models._stable_argsort(keys, bound).tolist() == ref
 
 
 @pytest.mark.parametrize("kind,kw", [("relu", {"l1_coeff": 0.3}), ("topk", {"k": 2})])
@@ -116,7 +133,9 @@ def test_topk_rows_is_torch_topk(dtype):
     from wsae_core.models import _TOPK_SLICES, _topk_rows
 
     g = torch.Generator().manual_seed(0)
-    for B, n_m, k in [(64, 4608, 32), (16, 24576, 32), (8, 512, 7), (5, 100, 3), (3, 64, 8)]:
+    # 24,576 and 65,536 latents: the k columns are themselves chosen from candidates, one level of
+    # that at 24,576 (3,072 column maxima) and two at 65,536 (8,192, then 1,024)
+    for B, n_m, k in [(64, 4608, 32), (16, 24576, 32), (4, 65536, 32), (8, 512, 7), (5, 100, 3), (3, 64, 8)]:
         pre = torch.randn(B, n_m, generator=g).to(dtype)
         C = n_m // _TOPK_SLICES
         if n_m % _TOPK_SLICES == 0 and B > 2:
@@ -319,3 +338,17 @@ def test_fused_relu_backward_when_the_loss_reads_some_outputs_only(use):
         b = torch.zeros_like(a) if b is None and a is not None else b
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_m", [5, 1024, 2500])
+def test_before_step_removes_the_radial_gradient_of_every_row(n_m):
+    """``before_step`` (in blocks of rows: one, exactly one and three with a partial last) leaves
+    ``g - (g · w) w`` for each unit decoder row ``w``, against float64, and nothing along ``w``."""
+    m = models.PracticalSAE(SAEConfig(n_p=6, n_m=n_m, kind="topk", k=2, seed=1))
+    g = torch.randn(n_m, 6, generator=torch.Generator().manual_seed(n_m))
+    m.W_dec.grad = g.clone()
+    m.before_step()
+    W, G = m.W_dec.detach().double(), g.double()
+    want = G - (G * W).sum(1, keepdim=True) * W
+    torch.testing.assert_close(m.W_dec.grad.double(), want, atol=1e-6, rtol=0)
+    assert float((m.W_dec.grad.double() * W).sum(1).abs().max()) < 1e-6

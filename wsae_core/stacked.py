@@ -97,7 +97,7 @@ class StackedSAE(nn.Module):
         """Top-k: remove the gradient component along each decoder row (as the practical SAE)."""
         g = getattr(self, "W_dec", None) if self.cfg.kind == "topk" else None
         if g is not None and g.grad is not None:
-            g.grad.sub_((g.grad * g).sum(2, keepdim=True) * g)
+            g.grad.addcmul_(torch.linalg.vecdot(g.grad, g, dim=2).unsqueeze(2), g, value=-1.0)
 
     @torch.no_grad()
     def after_step(self) -> None:
