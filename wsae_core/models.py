@@ -497,9 +497,8 @@ class _LatentMajor:
         self.rows = rows[self.perm]
         self.sizes = [i.numel() for i in idx_list]
         counts = torch.bincount(flat, minlength=n_m)
-        ends = torch.cumsum(counts, 0)
-        self.offsets = ends - counts  # start of each latent's bag
-        self.crow = torch.cat([ends.new_zeros(1), ends])
+        self.crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # latent j: pairs crow[j]:crow[j + 1]
+        self.offsets = self.crow[:-1]  # start of each latent's bag
 
     def rows_dot(self, W: Tensor, dense: Tensor) -> list[Tensor]:
         """``out_t[b, j] = W[idx_t[b, j]] · dense[t * batch + b]``: ``(batch, kk_t)`` per term.
