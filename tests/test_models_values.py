@@ -153,6 +153,46 @@ def test_topk_rows_is_torch_topk(dtype):
             assert torch.equal(idx[rows].sort(1).values, ref_idx[rows].sort(1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_topk_rows_relu_is_exact_on_the_positive_entries(dtype):
+    """``relu=True`` (selection on the floats' bits read as integers): every row's min(k, P) largest
+    positive entries are selected, as by torch.topk, and the other slots hold distinct entries <= 0;
+    after the ReLU the values are torch.topk's. Rows with many, few, one and no positive entries,
+    zeros of both signs, +inf and -inf, and ties; on the candidate path (24,576 and 4,608 latents)
+    and on the fallback (too few latents)."""
+    from wsae_core.models import _topk_rows
+
+    g = torch.Generator().manual_seed(7)
+    for B, n_m, k in [(12, 24576, 32), (12, 4608, 32), (12, 100, 3)]:
+        pre = torch.randn(B, n_m, generator=g, dtype=torch.float64)
+        pre[1] = -pre[1].abs() - 1e-3  # no positive entry
+        pre[2] = -pre[2].abs() - 1e-3
+        pre[2, n_m // 3] = 0.5  # one positive entry
+        pre[3] = -pre[3].abs() - 1e-3
+        pre[3, :k // 2 + 1] = torch.linspace(0.1, 2.0, k // 2 + 1, dtype=torch.float64)  # fewer than k
+        pre[4, ::7] = 0.0
+        pre[4, 1::7] = -0.0
+        pre[4] = pre[4].clamp_max(0.0)  # zeros of both signs and negatives only
+        pre[5, 5], pre[5, 17] = float("inf"), float("-inf")
+        pre[6] = 1.0  # all equal
+        pre[7] = -pre[7].abs()
+        pre[7, -5:] = 3.0  # ties among the few positives
+        pre = pre.to(dtype)
+        vals, idx = _topk_rows(pre, k, relu=True)
+        ref_vals = pre.topk(k, dim=1, sorted=False).values
+        assert vals.dtype == dtype and idx.dtype == torch.int64 and vals.shape == idx.shape == (B, k)
+        assert torch.equal(pre.gather(1, idx), vals)
+        assert all(len(set(r.tolist())) == k for r in idx)  # k distinct latents per row
+        # after the ReLU, the same multiset of values as torch.topk's
+        assert torch.equal(vals.relu().sort(1).values, ref_vals.relu().sort(1).values), (B, n_m, dtype)
+        for r in range(B):
+            n_pos = int((pre[r] > 0).sum())
+            assert int((vals[r] > 0).sum()) == min(k, n_pos), (r, n_m)
+            assert bool((vals[r][vals[r] <= 0] <= 0).all())
+        assert int((vals[3] > 0).sum()) == k // 2 + 1 and int((vals[2] > 0).sum()) == 1
+        assert float(vals[5].max()) == float("inf")
+
+
 @pytest.mark.parametrize("d", [20, 32, 63, 64, 768])
 def test_encode_folds_the_bias_into_the_product(d):
     """The bf16 encoder with the bias folded into the GEMM (inner dimension padded to a multiple of

@@ -99,7 +99,9 @@ class ForwardOutput(NamedTuple):
 
     ``latents``: ``(batch, n_m)`` for dense models; for Top-k the ``(batch, k)`` active values, with
     ``latent_indices`` ``(batch, k)`` saying which latents they are (None for dense models; use
-    :func:`dense_latents` for a dense view). ``reconstruction``: x̂_p ``(batch, n_p)``.
+    :func:`dense_latents` for a dense view). A row with fewer than k positive pre-activations has
+    value-0 slots, whose indices name latents with pre-activations ``<= 0``, not necessarily the
+    largest of those (the fused CPU selection is exact on positive values only). ``reconstruction``: x̂_p ``(batch, n_p)``.
     ``recon_loss``: ``E||Γ(x_p - x̂_p)||²`` (sum over dimensions, mean over the batch).
     ``sparsity_loss``: the L1 term (0 for theory and Top-k). ``loss = recon_loss + sparsity_loss``.
     ``fvu``: fraction of variance unexplained, ``sum||x_p - x̂_p||² / sum||x_p - mean||²`` (unweighted).
@@ -425,7 +427,12 @@ _ROW_BLOCK = 1024
 _TOPK_SLICES = 8
 
 
-def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+#: Signed integers of each float width: for floats >= 0 their bit patterns order as the values do.
+_SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}
+
+
+def _topk_rows(pre: Tensor, k: int, relu: bool = False) -> tuple[Tensor, Tensor]:
     """The ``k`` largest entries of each row of ``pre`` ``(batch, n_m)`` (unsorted), as ``torch.topk``.
 
     On the CPU ``torch.topk`` over tens of thousands of latents costs more than the encoder GEMM
@@ -439,11 +446,27 @@ def _topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     maxima, then 384; 15 % faster than ``torch.topk`` on the 3,072). Among equal values the
     positions chosen may differ from ``torch.topk``'s. Elsewhere (CUDA, or too few latents for the
     candidates to be fewer) plain ``torch.topk``.
+
+    ``relu=True`` is for a caller that keeps only the positive part of what is selected (the
+    Top-k SAE's ReLU): the selection is then exact for the entries ``> 0`` only. Each row's
+    ``min(k, P)`` largest positive entries are selected (``P`` of them in the row), as by
+    ``torch.topk``, and any other slots hold some of the row's entries ``<= 0``, not necessarily its
+    largest. On the candidate path the comparisons then run on the floats' bit patterns read as
+    signed integers of the same width, which order as the values do for every float ``>= 0``
+    (``+inf`` and positive NaN included) and put every negative float below them: the maxima, the
+    top-ks and the gathers run on integers (batch 4096, 24,576 latents, AMD EPYC family 26: bf16
+    50 -> 33 ms, fp32 44 -> 39 ms), and the selected values are read back from the same bits. A
+    NaN with its sign bit set (the one x86 arithmetic makes) counts as negative here, where
+    ``torch.topk`` would select it; the trainer stops on a non-finite batch, loss or gradient
+    before the weights can hold one.
     """
     B, n_m = pre.shape
     C = n_m // _TOPK_SLICES
     if pre.device.type != "cpu" or n_m % _TOPK_SLICES or C < 2 * k:
         return pre.topk(k, dim=1, sorted=False)
+    if relu and pre.dtype in _SAME_WIDTH_INT:
+        vals, idx = _topk_rows(pre.view(_SAME_WIDTH_INT[pre.dtype]), k)
+        return vals.view(pre.dtype), idx
     view = pre.view(B, _TOPK_SLICES, C)
     cols = _topk_rows(view.amax(1), k)[1]  # (batch, k): columns with the largest maxima (the same way)
     cand = view.gather(2, cols.unsqueeze(1).expand(B, _TOPK_SLICES, k)).reshape(B, _TOPK_SLICES * k)
@@ -556,7 +579,7 @@ class _FusedTopKSAE(torch.autograd.Function):
             x = x.float()
             xc = x - b_dec
             pre = _encode(xc, W_enc, b_enc, dtype)
-            vals, idx = _topk_rows(pre, k)
+            vals, idx = _topk_rows(pre, k, relu=True)  # exact where it matters: the kept values are ReLU'd
             vals = vals.float().relu_()
             aux = dead is not None
             if aux:
