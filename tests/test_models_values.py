@@ -193,6 +193,28 @@ def test_topk_rows_relu_is_exact_on_the_positive_entries(dtype):
         assert float(vals[5].max()) == float("inf")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_topk_rows_relu_compares_bit_patterns_on_the_candidate_path(dtype):
+    """On rows with no positive entry: ``relu=True`` on the candidate path (from ``n_m = 8 * 2k``)
+    compares the bits as integers, which order negative floats by magnitude, so it returns the k
+    most negative entries (all zeroed by the caller's ReLU); ``relu=False`` and the fallback sizes
+    (``n_m`` not a multiple of 8, or fewer than 2k columns) return torch.topk's k largest."""
+    from wsae_core.models import _topk_rows
+
+    g = torch.Generator().manual_seed(11)
+
+    def values(v):
+        return v.float().sort(1).values
+
+    for n_m, fast in [(512, True), (24576, True), (504, False), (515, False)]:
+        pre = -(torch.rand(3, n_m, generator=g) + 0.01).to(dtype)
+        largest = values(pre.topk(32, dim=1).values)
+        most_negative = values(pre.topk(32, dim=1, largest=False).values)
+        assert torch.equal(values(_topk_rows(pre, 32)[0]), largest), n_m
+        got = values(_topk_rows(pre, 32, relu=True)[0])
+        assert torch.equal(got, most_negative if fast else largest), (n_m, fast)
+
+
 @pytest.mark.parametrize("d", [20, 32, 63, 64, 768])
 def test_encode_folds_the_bias_into_the_product(d):
     """The bf16 encoder with the bias folded into the GEMM (inner dimension padded to a multiple of
