@@ -101,7 +101,8 @@ class ForwardOutput(NamedTuple):
     ``latent_indices`` ``(batch, k)`` saying which latents they are (None for dense models; use
     :func:`dense_latents` for a dense view). A row with fewer than k positive pre-activations has
     value-0 slots, whose indices name latents with pre-activations ``<= 0``, not necessarily the
-    largest of those (the fused CPU selection is exact on positive values only). ``reconstruction``: x̂_p ``(batch, n_p)``.
+    largest of those (the fused CPU selection is exact on positive values only).
+    ``reconstruction``: x̂_p ``(batch, n_p)``.
     ``recon_loss``: ``E||Γ(x_p - x̂_p)||²`` (sum over dimensions, mean over the batch).
     ``sparsity_loss``: the L1 term (0 for theory and Top-k). ``loss = recon_loss + sparsity_loss``.
     ``fvu``: fraction of variance unexplained, ``sum||x_p - x̂_p||² / sum||x_p - mean||²`` (unweighted).
