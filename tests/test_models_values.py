@@ -215,6 +215,39 @@ def test_topk_rows_relu_compares_bit_patterns_on_the_candidate_path(dtype):
         assert torch.equal(got, most_negative if fast else largest), (n_m, fast)
 
 
+def test_fused_topk_on_the_candidate_path_with_few_positive_preactivations():
+    """The fused Top-k SAE where its selection compares bits as integers (512 latents, k = 32),
+    on rows with many, fewer than k and no positive pre-activations: the dense latents, the
+    reconstruction, both losses (AuxK on) and every gradient are those of the unfused path
+    (torch.topk), and the trainer's 'fired' set (values > 0) is the same."""
+    cfg = SAEConfig(n_p=16, n_m=512, kind="topk", k=32, seed=3)
+    fused, plain = models.PracticalSAE(cfg), models.PracticalSAE(cfg, fused=False)
+    with torch.no_grad():
+        fused.b_enc.copy_(torch.linspace(-0.5, -0.05, 512))
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(4))
+    x[3:6] *= 0.05  # small rows: fewer than k latents above the negative biases
+    x[6] = 0.0  # none
+    dead = torch.arange(512) % 5 == 0
+    outs, grads = [], []
+    for m in (fused, plain):
+        out = m(x, dead_mask=dead, k_aux=8)
+        g = torch.autograd.grad(out.loss + out.auxk_loss + (out.reconstruction ** 3).sum(), list(m.parameters()))
+        outs.append(out)
+        grads.append(g)
+    n_pos = (plain._pre(x) > 0).sum(1)
+    assert int((n_pos < 32).sum()) >= 4 and int(n_pos[6]) == 0  # the case under test occurs
+    a, b = outs
+    torch.testing.assert_close(models.dense_latents(a, 512), models.dense_latents(b, 512).detach())
+    torch.testing.assert_close(a.reconstruction, b.reconstruction, atol=1e-6, rtol=1e-5)
+    for name in ("recon_loss", "auxk_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5)
+    assert [set(r[v > 0].tolist()) for r, v in zip(a.latent_indices, a.latents)] == \
+        [set(r[v > 0].tolist()) for r, v in zip(b.latent_indices, b.latents.detach())]
+    for ga, gb in zip(*grads):  # the cubed reconstruction amplifies summation-order rounding
+        torch.testing.assert_close(ga, gb, atol=1e-4 * float(gb.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("d", [20, 32, 63, 64, 768])
 def test_encode_folds_the_bias_into_the_product(d):
     """The bf16 encoder with the bias folded into the GEMM (inner dimension padded to a multiple of
