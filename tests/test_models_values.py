@@ -248,12 +248,15 @@ def test_fused_topk_on_the_candidate_path_with_few_positive_preactivations():
         torch.testing.assert_close(ga, gb, atol=1e-4 * float(gb.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("depth", [32, 2])
 @pytest.mark.parametrize("d", [20, 32, 63, 64, 768])
-def test_encode_folds_the_bias_into_the_product(d):
+def test_encode_folds_the_bias_into_the_product(d, depth, monkeypatch):
     """The bf16 encoder with the bias folded into the GEMM (inner dimension padded to a multiple of
-    32, including when d already is one) equals addmm in bf16; fp32 is addmm itself."""
+    32 on AMX CPUs, 2 elsewhere, including when d + 1 already is one) equals addmm in bf16; fp32 is
+    addmm itself."""
     from wsae_core.models import _encode
 
+    monkeypatch.setattr(models, "_fold_depth", lambda: depth)
     g = torch.Generator().manual_seed(d)
     x, W, b = torch.randn(7, d, generator=g), torch.randn(33, d, generator=g), torch.randn(33, generator=g)
     ref = torch.addmm(b.bfloat16(), x.bfloat16(), W.bfloat16().T).float()
@@ -273,6 +276,15 @@ def fake_cpu(monkeypatch):
         monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(caps))
         monkeypatch.setattr(models, "bf16_matmul_speedup", lambda: speedup)
     return set_
+
+
+def test_fold_depth_is_an_amx_tile_only_with_amx(monkeypatch):
+    """The bf16 encoder pads its inner dimension to 32 (an AMX tile's depth) on AMX CPUs only."""
+    for caps, want in [({"amx_bf16": True, "avx512_bf16": True}, 32), ({"avx512_bf16": True}, 2), ({}, 2)]:
+        monkeypatch.setattr(models, "cpu_capabilities", lambda caps=caps: dict(caps))
+        models._fold_depth.cache_clear()
+        assert models._fold_depth() == want
+    models._fold_depth.cache_clear()
 
 
 @pytest.mark.parametrize("caps, speedup, want", [

@@ -399,18 +399,29 @@ def _auxk_factor(x: Tensor, e: Tensor, w2: Tensor, dead_scale: float, sync: bool
     return dead_scale * float(sq[0] / sq[1].clamp_min(1e-30))
 
 
+@functools.lru_cache(maxsize=1)
+def _fold_depth() -> int:
+    """Multiple that :func:`_encode` pads the bf16 encoder's inner dimension to: 32 on CPUs with
+    AMX-BF16 (a tile's depth), else 2. Without AMX a padding to 32 only adds work: at 768 -> 24,576,
+    batch 4096, an inner dimension of 770 runs 3.8 % faster than 800 (AMD EPYC family 26, 16
+    interleaved rounds)."""
+    return 32 if cpu_capabilities().get("amx_bf16") else 2
+
+
 def _encode(x: Tensor, W: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
     """``x Wᵀ + bias`` ``(batch, n_m)`` computed in ``dtype`` (``x`` ``(batch, d)``, ``W`` ``(n_m, d)``).
 
     bf16 on the CPU: the bias is folded into the product, ``[x, 1, 0...] [W, bias, 0...]ᵀ`` with the
-    inner dimension padded to a multiple of 32 (the depth of an AMX tile), so that no copy of the
+    inner dimension padded to a multiple of :func:`_fold_depth` (32, the depth of an AMX tile, on
+    CPUs with AMX; else 2, one bf16 pair of the AVX-512-BF16 dot product), so that no copy of the
     bias is broadcast into the ``(batch, n_m)`` output before the GEMM (a third of the GEMM's time
     at 768 -> 24,576 on the Xeon type); the bf16 copy of ``W`` is made either way. Else ``addmm``.
     """
     if dtype != torch.bfloat16 or x.device.type != "cpu":
         return torch.addmm(bias.to(dtype), x.to(dtype), W.to(dtype).T)
     d = x.shape[1]
-    K = -(-(d + 1) // 32) * 32
+    depth = _fold_depth()
+    K = -(-(d + 1) // depth) * depth
     Wa = W.new_empty((W.shape[0], K), dtype=dtype)
     Wa[:, :d].copy_(W)
     Wa[:, d].copy_(bias)
