@@ -187,8 +187,7 @@ def test_topk_rows_relu_is_exact_on_the_positive_entries(dtype):
         assert torch.equal(vals.relu().sort(1).values, ref_vals.relu().sort(1).values), (B, n_m, dtype)
         for r in range(B):
             n_pos = int((pre[r] > 0).sum())
-            assert int((vals[r] > 0).sum()) == min(k, n_pos), (r, n_m)
-            assert bool((vals[r][vals[r] <= 0] <= 0).all())
+            assert int((vals[r] > 0).sum()) == min(k, n_pos), (r, n_m)  # the rest are <= 0
         assert int((vals[3] > 0).sum()) == k // 2 + 1 and int((vals[2] > 0).sum()) == 1
         assert float(vals[5].max()) == float("inf")
 
@@ -280,11 +279,13 @@ def fake_cpu(monkeypatch):
 
 def test_fold_depth_is_an_amx_tile_only_with_amx(monkeypatch):
     """The bf16 encoder pads its inner dimension to 32 (an AMX tile's depth) on AMX CPUs only."""
-    for caps, want in [({"amx_bf16": True, "avx512_bf16": True}, 32), ({"avx512_bf16": True}, 2), ({}, 2)]:
-        monkeypatch.setattr(models, "cpu_capabilities", lambda caps=caps: dict(caps))
-        models._fold_depth.cache_clear()
-        assert models._fold_depth() == want
-    models._fold_depth.cache_clear()
+    try:
+        for caps, want in [({"amx_bf16": True, "avx512_bf16": True}, 32), ({"avx512_bf16": True}, 2), ({}, 2)]:
+            monkeypatch.setattr(models, "cpu_capabilities", lambda caps=caps: dict(caps))
+            models._fold_depth.cache_clear()
+            assert models._fold_depth() == want
+    finally:
+        models._fold_depth.cache_clear()  # the next call asks the real CPU again
 
 
 @pytest.mark.parametrize("caps, speedup, want", [
