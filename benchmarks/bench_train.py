@@ -20,7 +20,9 @@ Suites (one step = forward + loss + backward + Adam + the library's own decoder-
   difference of the block-15 residual.
 
 Fairness: all contenders run in one process, in interleaved rounds (each round runs every contender's
-steps once, so machine load hits all alike; the table gives the median), with the same
+steps once, so machine load hits all alike; the table gives the median, and the speed-ups are also
+given paired by round: each round's time of the other library over wsae_core's, whose median and
+quartiles do not move with load that drifts over minutes), with the same
 ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` (the script re-executes itself with
 ``MALLOC_MMAP_MAX_=0`` and a trim threshold of 64 GiB unless ``--mmap-max`` / ``--trim-threshold`` say
 otherwise: glibc reads them at start-up), the same ``torch.set_flush_denormal(True)`` (importing
@@ -226,6 +228,19 @@ def report(title: str, times: dict, peaks: list, flops_per_step: float, batch: i
     return rows
 
 
+def paired(times: dict, slow: str, fast: str) -> dict:
+    """Speed-up of ``fast`` over ``slow`` step by step: ``slow``'s time over ``fast``'s within each
+    round (the two ran back to back, so load that drifts over minutes cancels), median and quartiles
+    over the rounds. Steadier than the ratio of the two medians on a shared host."""
+    r = [a / b for a, b in zip(times[slow], times[fast])]
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2], "n": len(r), "ratios": r}
+
+
+def paired_text(p: dict) -> str:
+    return f"paired by round: median {p['median']:.2f}x, quartiles {p['q1']:.2f}-{p['q3']:.2f}x over {p['n']}"
+
+
 # ----------------------------------------------------------------------------- suites
 
 
@@ -242,7 +257,10 @@ def suite_relu(args, bf16: bool) -> dict:
     prec = "bf16 autocast" if bf16 else "fp32"
     rows = report(f"dense ReLU SAE {d} -> {m}, batch {B}, {prec} (nominal 12·d·m FLOPs/token)",
                   times, peaks, 12 * d * m * B, B, "wsae_core")
-    return {"suite": "relu", "precision": prec, "d": d, "m": m, "batch": B, "peaks": peaks, "rows": rows}
+    pair = paired(times, "SAELens", "wsae_core")
+    print(f"  speed-up wsae_core over SAELens {paired_text(pair)}")
+    return {"suite": "relu", "precision": prec, "d": d, "m": m, "batch": B, "peaks": peaks, "rows": rows,
+            "paired_vs_saelens": pair}
 
 
 def suite_topk(args, bf16: bool, d: int, m: int) -> dict:
@@ -269,7 +287,10 @@ def suite_topk(args, bf16: bool, d: int, m: int) -> dict:
     med = {r["contender"]: r["s_per_step"] for r in rows}
     print(f"  speed-up wsae_core over sparsify {med['sparsify'] / med['wsae_core']:.2f}x "
           f"(at most {med['sparsify'] / med['GEMM floor']:.2f}x for any step that computes the encoder GEMM)")
-    return {"suite": "topk", "precision": prec, "d": d, "m": m, "k": k, "batch": B, "peaks": peaks, "rows": rows}
+    pair = paired(times, "sparsify", "wsae_core")
+    print(f"  speed-up wsae_core over sparsify {paired_text(pair)}")
+    return {"suite": "topk", "precision": prec, "d": d, "m": m, "k": k, "batch": B, "peaks": peaks, "rows": rows,
+            "paired_vs_sparsify": pair}
 
 
 def suite_lm(args) -> dict:
