@@ -25,3 +25,23 @@ def capture_calls(monkeypatch):
 
     monkeypatch.setattr(A, "capture_residuals", counting)
     return calls
+
+
+@pytest.fixture
+def mock_cpu(monkeypatch):
+    """``mock_cpu(caps, speedup=None)``: the CPU's capability flags are exactly ``caps`` and the bf16
+    matmul measurement returns ``speedup``; a measurement that the flags should not have asked for
+    (``speedup`` None) fails the test."""
+    from wsae_core import models
+
+    def set_(caps, speedup=None):
+        monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(caps))
+
+        def measured():
+            if speedup is None:
+                raise AssertionError("the matmul measurement must not run for these capabilities")
+            return speedup
+
+        monkeypatch.setattr(models, "bf16_matmul_speedup", measured)
+
+    return set_

@@ -268,15 +268,6 @@ def test_encode_folds_the_bias_into_the_product(d, depth, monkeypatch):
 # ----------------------------------------------------------------------------- round 6: models survivors
 
 
-@pytest.fixture
-def fake_cpu(monkeypatch):
-    """``fake_cpu(caps, speedup)``: the CPU's flags and the bf16 matmul measurement, mocked."""
-    def set_(caps, speedup=None):
-        monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(caps))
-        monkeypatch.setattr(models, "bf16_matmul_speedup", lambda: speedup)
-    return set_
-
-
 def test_fold_depth_is_an_amx_tile_only_with_amx(monkeypatch):
     """The bf16 encoder pads its inner dimension to 32 (an AMX tile's depth) on AMX CPUs only."""
     try:
@@ -299,17 +290,17 @@ def test_fold_depth_is_an_amx_tile_only_with_amx(monkeypatch):
      (torch.float32, "this CPU has no bf16 matrix instructions (no AMX-BF16 or AVX-512-BF16): "
                      "bf16 would be emulated and slower than fp32")),
 ])
-def test_choose_precision_every_cpu_branch_exactly(fake_cpu, caps, speedup, want):
+def test_choose_precision_every_cpu_branch_exactly(mock_cpu, caps, speedup, want):
     """Each branch of the CPU rule: dtype and the whole logged reason, the flag names exactly as
     torch.cpu.get_capabilities() spells them (lower case), and the 1.2x threshold inclusive."""
-    fake_cpu(caps, speedup)
+    mock_cpu(caps, speedup)
     got = models.choose_precision("auto", "cpu")
     assert (got.dtype, got.reason) == want
     assert got == models.choose_precision("auto", torch.device("cpu"))
 
 
-def test_choose_precision_forced_cuda_and_other_devices_exactly(fake_cpu, monkeypatch):
-    fake_cpu({"cpu_name": "XeonTest", "amx_bf16": True})  # must not be read for these
+def test_choose_precision_forced_cuda_and_other_devices_exactly(mock_cpu, monkeypatch):
+    mock_cpu({"cpu_name": "XeonTest", "amx_bf16": True})  # must not be read for these
     assert tuple(models.choose_precision("fp32", "cpu")) == (torch.float32, "fp32 requested")
     assert tuple(models.choose_precision("bf16", "cpu")) == (torch.bfloat16, "bf16 requested")
     assert tuple(models.choose_precision("fp32", "cuda")) == (torch.float32, "fp32 requested")

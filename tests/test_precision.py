@@ -23,19 +23,10 @@ TRAIN_RTOL = 0.02
 
 
 @pytest.fixture
-def cpu(monkeypatch):
-    """Mock the CPU: ``cpu(caps, speedup)`` sets the capability flags and the bf16 measurement."""
-    def set_(caps, speedup=None):
-        monkeypatch.setattr(models, "cpu_capabilities", lambda: {"cpu_name": "TestCPU", **caps})
-
-        def measured():
-            if speedup is None:
-                raise AssertionError("the matmul measurement must not run for these capabilities")
-            return speedup
-
-        monkeypatch.setattr(models, "bf16_matmul_speedup", measured)
-
-    return set_
+def cpu(mock_cpu):
+    """Mock the CPU: ``cpu(caps, speedup)`` sets the capability flags (named ``TestCPU``) and the bf16
+    measurement (conftest's ``mock_cpu``)."""
+    return lambda caps, speedup=None: mock_cpu({"cpu_name": "TestCPU", **caps}, speedup)
 
 
 def test_forced_precisions(cpu):
