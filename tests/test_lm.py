@@ -435,3 +435,10 @@ def test_compare_runs_and_changed_verdicts_on_planted_results():
     assert changed["_compared"] == [("fvu", 1)]
     assert changed["fvu"] == [("WSAE α=1", 1, "worse", "no difference shown")]
     assert X.changed_verdicts(a, a, ("fvu",))["fvu"] == []
+    agree = X.run_agreement(a, b, ("fvu",))  # the two summed up as the chapter prints them
+    assert (agree["within"], agree["compared"], agree["by_metric"]) == (1, 2, {"fvu": (1, 2)})
+    assert (agree["same_verdicts"], agree["verdicts"]) == (0, 1) and agree["sign_flips"] == []
+    assert agree["differ"] == [("fvu", "WSAE α=1", 1, "worse", "no difference shown")]
+    assert [r["method"] for r in agree["outside"]] == ["WSAE α=1"]
+    c = run([0.05, 0.06, 0.055])  # WSAE clearly better here, clearly worse in a: a sign flip
+    assert X.run_agreement(a, c, ("fvu",))["sign_flips"] == [("fvu", "WSAE α=1", 1, "worse", "better")]

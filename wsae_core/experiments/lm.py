@@ -50,7 +50,7 @@ import numpy as np
 from ..profile import Profile, current_profile, pick
 from . import int_at_least, output_file
 
-__all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for", "FULL", "cells_for",
+__all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for", "FULL", "cells_for", "run_agreement",
            "select_cells", "cell_name", "run_cell", "run_sweep", "run_lm", "collect", "sweep_saes",
            "variance_diagnostics", "load_or_run", "results_path", "save_results", "table", "paired_differences",
            "verdicts", "verdict_markdown", "plot_curves", "plot_gammas", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
@@ -894,6 +894,27 @@ def changed_verdicts(a: dict, b: dict, metrics: tuple[str, ...] | None = None) -
         out[m] = [(k[0], k[1], va[k], vb[k]) for k in both if va[k] != vb[k]]
         out["_compared"].append((m, len(both)))
     return out
+
+
+def run_agreement(a: dict, b: dict, metrics: tuple[str, ...] | None = None) -> dict:
+    """How far two runs of one sweep agree (:func:`compare_runs`, :func:`changed_verdicts`):
+    ``"within"`` / ``"compared"``: means per (method, layer, metric) within ``a``'s seed spread, of
+    those with more than one seed (and the same counted per metric in ``"by_metric"``);
+    ``"same_verdicts"`` / ``"verdicts"``; ``"differ"``: ``(metric, method, layer, verdict in a,
+    verdict in b)`` for each verdict that differs; ``"sign_flips"``: those where neither run says
+    "no difference shown" (one run calls a rule better, the other worse); ``"outside"``: the
+    :func:`compare_runs` rows outside the spread."""
+    metrics = tuple(METRICS) if metrics is None else metrics
+    inside = [r for r in compare_runs(a, b, metrics) if r["within_spread"] is not None]
+    changed = changed_verdicts(a, b, metrics)
+    n = sum(k for _, k in changed["_compared"])
+    differ = [(m, *c) for m in metrics for c in changed[m]]
+    return {"within": sum(r["within_spread"] for r in inside), "compared": len(inside),
+            "by_metric": {m: (sum(r["within_spread"] for r in inside if r["metric"] == m),
+                              sum(r["metric"] == m for r in inside)) for m in metrics},
+            "same_verdicts": n - len(differ), "verdicts": n, "differ": differ,
+            "sign_flips": [d for d in differ if "no difference shown" not in d[3:]],
+            "outside": [r for r in inside if not r["within_spread"]]}
 
 
 def markdown_table(results: dict, metric: str, digits: int = 3, title: str | None = None) -> str:
