@@ -3,6 +3,7 @@ loading, hooks, one pass for all layers, splicing, corpus, the activation cache.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,96 @@ def test_sweep_ci_end_to_end(tmp_path):
         X.spec_for("ci", methods=("L1 SAE",))
 
 
+
+def test_cli_spec_lets_options_override_the_full_size():
+    """``--full --layers 3 9`` is the full size at two layers (it raised TypeError: 'layers' twice)."""
+    from wsae_core.experiments import lm as X
+
+    spec = X.cli_spec("book", full=True, layers=(3, 9), methods=("SAE", "WSAE α=1"), seeds=(0,))
+    assert (spec.layers, spec.methods, spec.seeds) == ((3, 9), ("SAE", "WSAE α=1"), (0,))
+    assert (spec.n_train_contexts, spec.steps, spec.batch_size) == (X.FULL["n_train_contexts"], X.FULL["steps"], X.FULL["batch_size"])
+    assert X.cli_spec("book", full=True).layers == X.FULL["layers"]
+    assert X.cli_spec("book") == X.spec_for("book")
+    assert X.cli_spec("book", layers=(5,)).n_train_contexts == X.spec_for("book").n_train_contexts
+    args = X.build_parser().parse_args(["--profile", "book", "--full", "--layers", "3", "9", "--methods", "SAE", "WSAE α=1", "--seeds", "0"])
+    assert X.args_spec(args) == spec
+
+
+def test_describe_names_only_the_wide_layers_that_were_run():
+    from dataclasses import asdict
+
+    from wsae_core.experiments import lm as X
+
+    def line(spec):
+        return X.describe({"spec": json.loads(json.dumps(asdict(spec))), "model_info": {"name": "smollm2-135m-instruct"}})
+
+    assert "32x at layers [8, 18]" in line(X.cli_spec("book", full=True))
+    assert "32x at layers [18]" in line(X.cli_spec("book", full=True, layers=(3, 18)))
+    two = line(X.cli_spec("book", full=True, layers=(3, 9)))
+    assert "8x width, 2000 steps of 4096 tokens" in two and "32x" not in two
+
+
+def test_saved_results_name_folders_relative_to_the_cache_root(tmp_path, monkeypatch):
+    """save_results writes the SAE, cache and sweep folders relative to the sweep's cache root (the
+    in-memory results keep them absolute); resolve_path reads them back below a given root or the
+    default one, and leaves an absolute path of an older file as it is."""
+    from wsae_core.experiments import lm as X
+
+    root = tmp_path / "root"
+    res = {"spec": {}, "sweep_folder": str(root / "lm_sweep" / "abc"), "cache": {"folder": str(root / "activations" / "c1")},
+           "model_info": {"name": str(root / "models" / "tiny")},
+           "records": [{"cell": "L01-uniform-s0", "fvu": 0.5, "sae_dir": str(root / "lm_sweep" / "abc" / "L01-uniform-s0" / "sae"),
+                        "note": str(tmp_path / "elsewhere")}]}
+    out = X.save_results(res, tmp_path / "r.json")
+    saved = json.loads(out.read_text())
+    assert saved["sweep_folder"] == "lm_sweep/abc" and saved["cache"]["folder"] == "activations/c1"
+    assert saved["model_info"]["name"] == "models/tiny"
+    assert saved["records"][0]["sae_dir"] == "lm_sweep/abc/L01-uniform-s0/sae"
+    assert saved["records"][0]["note"] == str(tmp_path / "elsewhere")              # outside the root: kept
+    assert res["records"][0]["sae_dir"].startswith(str(root))                     # the caller's dict is untouched
+    assert "sae_dir" in (tmp_path / "r.csv").read_text() and str(root) not in (tmp_path / "r.csv").read_text()
+    assert X.resolve_path(saved["records"][0]["sae_dir"], root) == root / "lm_sweep/abc/L01-uniform-s0/sae"
+    monkeypatch.setenv("WSAE_CACHE_DIR", str(root))
+    assert X.resolve_path(saved["cache"]["folder"]) == root / "activations" / "c1"
+    assert X.resolve_path(str(tmp_path / "abs")) == tmp_path / "abs"
+    assert X.relative_to({"a": [str(root), str(root) + "x/y", str(root / "z")]}, root) == {"a": [str(root), str(root) + "x/y", "z"]}
+
+
+def test_committed_results_name_no_folder_of_one_machine():
+    """Every committed result names folders relative to a cache root, never a path of the machine that made it."""
+    folder = BOOK_RESULTS.parent
+    found = []
+
+    def walk(v, where):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{where}/{k}")
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, where)
+        elif isinstance(v, str) and re.match(r"/(root|home|tmp|work|Users|mnt|var)/", v):
+            found.append((where, v))
+
+    for f in sorted(folder.glob("*.json")):
+        walk(json.loads(f.read_text()), f.name)
+    for f in sorted(folder.glob("*.csv")):
+        found += [(f.name, line[:80]) for line in f.read_text().splitlines() if re.search(r"(^|,)/(root|home|tmp|work)/", line)]
+    assert not found, found[:5]
+
+
+def test_default_results_path_never_names_the_profiles_file_for_another_sweep(tmp_path):
+    """Without ``--out`` a sweep with other options writes beside, never over, the committed results."""
+    from wsae_core.experiments import lm as X
+
+    own = X.default_results_path(X.spec_for("book"), "book", tmp_path)
+    assert own == X.results_path("book", tmp_path) == tmp_path / "lm_sweep_book.json"
+    assert X.default_results_path(X.spec_for("book", device="cuda"), "book", tmp_path) == own
+    assert X.default_results_path(X.cli_spec("book", full=True), "book", tmp_path).name == "lm_sweep_book_full.json"
+    two = X.default_results_path(X.cli_spec("book", full=True, layers=(3, 9)), "book", tmp_path)
+    other = X.default_results_path(X.spec_for("book", seeds=(0,)), "book", tmp_path)
+    assert re.fullmatch(r"lm_sweep_book_[0-9a-f]{8}\.json", two.name) and re.fullmatch(r"lm_sweep_book_[0-9a-f]{8}\.json", other.name)
+    assert len({own, two, other, X.default_results_path(X.cli_spec("book", full=True), "book", tmp_path)}) == 4
+
 def test_select_cells():
     from wsae_core.experiments import lm as X
 
@@ -364,19 +455,27 @@ def test_select_cells():
 BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sweep_book.json"
 
 
-@pytest.mark.skipif(not BOOK_RESULTS.is_file(), reason="book/results/lm_sweep_book.json not present")
-def test_book_results_recomputed_from_the_per_seed_records():
-    """The committed book run: its spec is the profile's, every record is one of its cells, and what
-    the chapter prints (intervals, verdicts, convergence flags, Γ statistics) follows from the
-    per-seed records when recomputed here independently."""
+#: The full-size cells run at the book's two layers (the chapter's section "The same sweep at the full size").
+FULL_TWO_LAYERS = (BOOK_RESULTS.with_name("lm_sweep_full_L03_L09.json"),
+                   dict(full=True, layers=(3, 9), methods=("SAE", "WSAE α=-0.5", "WSAE α=0.5", "WSAE α=1", "WSAE learned oracle")))
+
+
+@pytest.mark.parametrize("path, options", [(BOOK_RESULTS, {}), FULL_TWO_LAYERS], ids=["book", "full-two-layers"])
+def test_committed_results_recomputed_from_the_per_seed_records(path, options):
+    """A committed run (the book run; the full-size cells at two layers): its spec is the one its
+    command names, every record is one of its cells, and what the chapter prints (intervals,
+    verdicts, convergence flags, Γ statistics) follows from the per-seed records when recomputed
+    here independently."""
     from dataclasses import asdict
 
     from scipy import stats
 
     from wsae_core.experiments import lm as X
 
-    res = json.loads(BOOK_RESULTS.read_text())
-    spec = X.spec_for("book")
+    if not path.is_file():
+        pytest.skip(f"{path.name} not present")
+    res = json.loads(path.read_text())
+    spec = X.cli_spec("book", **options)
     assert res["spec"] == json.loads(json.dumps(asdict(spec)))
     names = {c.name for c in X.cells_for(spec)}
     assert {r["cell"] for r in res["records"]} | set(res["missing"]) == names

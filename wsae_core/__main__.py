@@ -119,7 +119,7 @@ def _sweep(results: str | Path | None, profile: str | None, layer: int | None = 
     be on this machine."""
     import json
 
-    from .experiments.lm import results_path
+    from .experiments.lm import resolve_path, results_path
     from .profile import current_profile
 
     profile = profile or current_profile()
@@ -137,6 +137,7 @@ def _sweep(results: str | Path | None, profile: str | None, layer: int | None = 
     recs = [r for r in at if seed is None or r["seed"] == seed]
     if not recs:
         raise SystemExit(f"{path} has no trained SAE; its records: {len(sweep['records'])}")
+    recs = [dict(r, sae_dir=str(resolve_path(r["sae_dir"]))) for r in recs]  # saved relative to the cache root
     missing = [r["sae_dir"] for r in recs if not Path(r["sae_dir"]).is_dir()]
     if missing:
         raise SystemExit(f"{len(missing)} SAE folders of {path} are not on this machine (first: {missing[0]}); "
@@ -150,7 +151,7 @@ def _browser(argv: list[str]) -> int:
     from .activations import ActivationCache
     from .browser import build_latent_browser, write_latent_browser
     from .experiments.interp import load_tokenizer
-    from .experiments.lm import describe
+    from .experiments.lm import describe, resolve_path
     from .interp import token_strings
 
     p = argparse.ArgumentParser(prog=f"{PROG} browser", description=(
@@ -175,7 +176,7 @@ def _browser(argv: list[str]) -> int:
     methods = [r["method"] for r in recs]
     if len(set(methods)) != len(methods):
         raise SystemExit(f"the sweep has several SAEs of one method at layer {args.layer}, seed {args.sae_seed}: {methods}")
-    cache_dir = Path(sweep["cache"]["folder"])
+    cache_dir = resolve_path(sweep["cache"]["folder"])
     if not cache_dir.is_dir():
         raise SystemExit(f"the sweep's activation cache {cache_dir} is not on this machine; rerun the sweep: {PROG} lm")
     spec = sweep["spec"]

