@@ -422,6 +422,17 @@ def test_committed_results_name_no_folder_of_one_machine():
     assert not found, found[:5]
 
 
+def test_every_rule_has_its_own_look_in_the_figures():
+    """No two rules share colour and line style (15 rules outnumber matplotlib's 10 colours); one α, one colour."""
+    from wsae_core.experiments import lm as X
+
+    looks = {m: tuple(sorted(X._style(m).items())) for m in X.RULES}
+    assert len(set(looks.values())) == len(X.RULES)
+    for m, (rule, _, alpha) in X.RULES.items():
+        if rule == "variance":
+            assert X._style(m)["color"] == X._style(f"WSAE α={alpha:g}")["color"]
+
+
 def test_default_results_path_never_names_the_profiles_file_for_another_sweep(tmp_path):
     """Without ``--out`` a sweep with other options writes beside, never over, the committed results."""
     from wsae_core.experiments import lm as X
@@ -496,9 +507,12 @@ def test_committed_results_recomputed_from_the_per_seed_records(path, options):
                 assert verdicts[(m, l)] == expect
     for r in res["records"]:
         curve = r["curve"]["held_out_fvu"]
-        assert curve[-1] == pytest.approx(r["fvu"], rel=1e-3)
-        if r["rule"] in ("uniform", "learned_oracle"):
-            # a strongly reweighted WSAE minimises a Γ-weighted error: its plain FVU may rise (α = +1, layer 3)
+        # the curve is measured on the first CURVE_TOKENS held-out tokens, the final FVU on all of them
+        held_out = spec.n_eval_contexts * (spec.context_len - spec.skip_first)
+        assert curve[-1] == pytest.approx(r["fvu"], rel=1e-3 if held_out <= X.CURVE_TOKENS else 0.05)
+        if r["rule"] == "uniform" or (r["rule"] == "learned_oracle" and r["gamma_max_over_min"] < 100):
+            # a strongly reweighted WSAE minimises a Γ-weighted error: its plain FVU may rise (α = +1 at
+            # layer 3; the learned oracle of the full size, whose Γ floors a few dimensions at 1e-3)
             assert curve[-1] < curve[0]
         q3 = curve[r["curve"]["step"].index(round(spec.steps * 3 / 4))]
         assert r["fvu_change_last_quarter"] == pytest.approx(abs(curve[-1] - q3) / curve[-1], rel=1e-9)

@@ -200,6 +200,11 @@ FULL: dict[str, Any] = {
 }
 
 
+#: The learning curve's held-out FVU is measured on the first this many held-out tokens (all of
+#: them in the book run; a sample of the full size's 88,900): a cell's final FVU uses every one.
+CURVE_TOKENS = 8192
+
+
 def spec_for(profile: Profile | None = None, **overrides: Any) -> LMSpec:
     """The sweep for a profile.
 
@@ -574,7 +579,7 @@ def train_cell(sw: Sweep, cell: Cell, gamma) -> tuple[Any, Any, dict, str | None
     trainer = Trainer(sae, src, cfg, gamma=gamma)
     marks = sorted({round(spec.steps * i / spec.curve_points) for i in range(1, spec.curve_points + 1)}
                    | {round(spec.steps * 3 / 4)})
-    x_curve = data["x_eval"][:8192]
+    x_curve = data["x_eval"][:CURVE_TOKENS]
     q3 = None
     for s in marks:
         trainer.fit(until=s)
@@ -967,16 +972,26 @@ def verdict_markdown(results: dict, metrics: tuple[str, ...] = ("fvu", "ce_recov
     return "\n".join(lines)
 
 
-def _colour(method: str) -> str:
-    """One colour per rule, the same in every figure."""
-    return f"C{list(RULES).index(method) % 10}"
+#: Line colour by α (the plain SAE, the learned oracle and the control their own), style by variance estimate.
+_ALPHA_COLOUR = {-1.0: "C1", -0.5: "C2", 0.5: "C3", 1.0: "C4"}
+_ESTIMATE_STYLE = {"raw": "-", "winsorised": "--", "unit_rms": ":"}
+
+
+def _style(method: str) -> dict[str, str]:
+    """One look per rule, the same in every figure, no two rules alike: colour = α (same α, same
+    colour), line style = variance estimate (solid raw, dashed winsorised, dotted unit-RMS)."""
+    rule, estimate, alpha = RULES[method]
+    if rule == "variance":
+        return {"color": _ALPHA_COLOUR[alpha], "linestyle": _ESTIMATE_STYLE[estimate]}
+    return {"color": {"uniform": "C0", "learned_oracle": "k", "untrained": "C7"}[rule],
+            "linestyle": "-." if rule == "learned_oracle" else "-"}
 
 
 def _layer_axes(n: int):
     """One row of ``n`` panels (one per layer)."""
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)[1][0]
+    return plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, layout="constrained")[1][0]
 
 
 def plot_curves(results: dict, axes: Any = None):
@@ -987,7 +1002,7 @@ def plot_curves(results: dict, axes: Any = None):
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
-                ax.plot(r["curve"]["step"], r["curve"]["held_out_fvu"], color=_colour(r["method"]), marker="o", ms=3,
+                ax.plot(r["curve"]["step"], r["curve"]["held_out_fvu"], **_style(r["method"]), marker="o", ms=3,
                         lw=1, label=r["method"] if r["seed"] == min(x["seed"] for x in recs) else None)
         ax.set(title=f"layer {l}", xlabel="step", ylabel="held-out FVU", yscale="log")
     axes[0].legend(fontsize=7)
@@ -1004,7 +1019,7 @@ def plot_gammas(results: dict, seed: int | None = None, axes: Any = None):
     for ax, l in zip(axes, layers):
         for r in recs:
             if r["layer"] == l:
-                ax.plot(sorted(r["gamma"], reverse=True), label=r["method"], lw=1.2, color=_colour(r["method"]))
+                ax.plot(sorted(r["gamma"], reverse=True), label=r["method"], lw=1.2, **_style(r["method"]))
         ax.axhline(1.0, color="k", lw=0.8, ls=":", label="SAE (γ = 1)")
         ax.set(title=f"layer {l}, seed {seed}", xlabel="dimension (sorted by γ)", ylabel="γ", yscale="log")
     axes[0].legend(fontsize=7)
