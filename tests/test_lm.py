@@ -468,7 +468,8 @@ BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sw
 
 #: The full-size cells run at the book's two layers (the chapter's section "The same sweep at the full size").
 FULL_TWO_LAYERS = (BOOK_RESULTS.with_name("lm_sweep_full_L03_L09.json"),
-                   dict(full=True, layers=(3, 9), methods=("SAE", "WSAE α=-0.5", "WSAE α=0.5", "WSAE α=1", "WSAE learned oracle")))
+                   dict(full=True, layers=(3, 9), methods=("SAE", "WSAE α=-1", "WSAE α=-0.5", "WSAE α=0.5", "WSAE α=1",
+                                                             "WSAE learned oracle")))
 
 
 @pytest.mark.parametrize("path, options", [(BOOK_RESULTS, {}), FULL_TWO_LAYERS], ids=["book", "full-two-layers"])
@@ -491,6 +492,11 @@ def test_committed_results_recomputed_from_the_per_seed_records(path, options):
     names = {c.name for c in X.cells_for(spec)}
     assert {r["cell"] for r in res["records"]} | set(res["missing"]) == names
     assert not {r["cell"] for r in res["records"]} & set(res["missing"])
+    # every finished cell belongs to exactly one run (a merged file's parts), which ran its rule
+    owner = [(c, run) for run in X.runs_of(res) for c in run["cells"]]
+    assert sorted(c for c, _ in owner) == sorted(r["cell"] for r in res["records"])
+    method = {r["cell"]: r["method"] for r in res["records"]}
+    assert all(method[c] in run["methods"] for c, run in owner)
     by = {(r["method"], r["layer"], r["seed"]): r for r in res["records"]}
     for metric in ("fvu", "ce_recovered", "topic_consistency"):
         higher = X.METRICS[metric][1]
@@ -555,3 +561,135 @@ def test_compare_runs_and_changed_verdicts_on_planted_results():
     assert [r["method"] for r in agree["outside"]] == ["WSAE α=1"]
     c = run([0.05, 0.06, 0.055])  # WSAE clearly better here, clearly worse in a: a sign flip
     assert X.run_agreement(a, c, ("fvu",))["sign_flips"] == [("fvu", "WSAE α=1", 1, "worse", "better")]
+
+
+def _planted_sweep(spec, fvu):
+    """Results of ``spec`` (an LMSpec) with planted FVUs: ``fvu[method]`` = one value per seed."""
+    from dataclasses import asdict
+
+    from wsae_core.experiments import lm as X
+
+    recs = [{"cell": c.name, "method": c.method, "layer": c.layer, "seed": c.seed, "fvu": fvu[c.method][c.seed],
+             "topic_consistency": 0.3 + 0.01 * c.seed, "train_precision": "fp32"}
+            for c in X.cells_for(spec) if c.method in fvu]
+    return {"spec": json.loads(json.dumps(asdict(spec))), "split": {"train_tokens": 100, "held_out_tokens": 10},
+            "machine": {"cpu": "planted"}, "cache": {"tokens_per_second": 1.0}, "records": recs,
+            "missing": [c.name for c in X.cells_for(spec) if c.method not in fvu]}
+
+
+def test_paired_difference_and_sign_comparisons_on_planted_results():
+    """α = -|α| against α = +|α|, paired by seed, computed by hand: a sign wins only where the 95 %
+    interval excludes zero, and by the metric's direction (lower FVU is better)."""
+    from scipy import stats
+
+    from wsae_core.experiments import lm as X
+
+    spec = X.cli_spec("ci", layers=(0,), methods=("SAE", "WSAE α=-1", "WSAE α=-0.5", "WSAE α=1"))
+    res = _planted_sweep(spec, {"SAE": [0.10, 0.12, 0.11], "WSAE α=-1": [0.20, 0.21, 0.23],
+                                "WSAE α=-0.5": [0.3, 0.3, 0.3], "WSAE α=1": [0.50, 0.55, 0.52]})
+    d = X.paired_difference(res, "WSAE α=-1", "WSAE α=1", 0, "fvu")
+    x = np.array([0.20, 0.21, 0.23]) - np.array([0.50, 0.55, 0.52])
+    half = stats.t.ppf(0.975, 2) * x.std(ddof=1) / np.sqrt(3)
+    assert d["seeds"] == [0, 1, 2] and d["diff"] == pytest.approx(x.mean())
+    assert (d["lo"], d["hi"]) == pytest.approx((x.mean() - half, x.mean() + half))
+    assert X.paired_difference(res, "WSAE α=-1", "WSAE α=0.5", 0, "fvu") is None  # α = 0.5 was not run
+    assert X.paired_difference(res, "WSAE α=-1", "SAE", 0, "fvu") == X.paired_differences(res, "fvu")[("WSAE α=-1", 0)]
+    rows = X.sign_comparisons(res, metrics=("fvu", "topic_consistency"))
+    # only |α| = 1 has both signs; topic consistency is the same for every rule (difference 0: undecided)
+    assert [(r["abs_alpha"], r["metric"], r["better"]) for r in rows] == [(1.0, "fvu", "negative"), (1.0, "topic_consistency", None)]
+    assert (rows[0]["negative"], rows[0]["positive"]) == ("WSAE α=-1", "WSAE α=1")
+    flipped = _planted_sweep(spec, {"SAE": [0.1] * 3, "WSAE α=-1": [0.50, 0.55, 0.52], "WSAE α=1": [0.20, 0.21, 0.23]})
+    assert X.sign_comparisons(flipped, metrics=("fvu",))[0]["better"] == "positive"
+
+
+def test_merge_results_of_runs_with_disjoint_rules(tmp_path):
+    """Runs of one sweep with different --methods (other machines) merge into the sweep of their
+    union: records in cell order, each run's machine kept, merging again carries the parts over; other
+    sweeps, other splits and a cell finished twice are refused with the offending value named."""
+    from wsae_core.experiments import lm as X
+
+    full = X.cli_spec("ci", layers=(0,), methods=("SAE", "WSAE α=-1", "WSAE α=1"))
+    fvu = {"SAE": [0.1, 0.12, 0.11], "WSAE α=-1": [0.2, 0.21, 0.23], "WSAE α=1": [0.5, 0.55, 0.52]}
+    whole = _planted_sweep(full, fvu)
+    parts = [_planted_sweep(replace_spec(full, methods=ms), {m: fvu[m] for m in ms})
+             for ms in (("WSAE α=1",), ("SAE",), ("WSAE α=-1",))]
+    parts[2]["machine"] = {"cpu": "another"}
+    merged = X.merge_results(parts)
+    assert merged["spec"] == whole["spec"] and merged["records"] == whole["records"] and merged["missing"] == []
+    assert [p["methods"] for p in merged["parts"]] == [["WSAE α=1"], ["SAE"], ["WSAE α=-1"]]
+    assert [p["machine"]["cpu"] for p in merged["parts"]] == ["planted", "planted", "another"]
+    assert [len(p["cells"]) for p in merged["parts"]] == [3, 3, 3]
+    again = X.merge_results([X.merge_results(parts[:2]), parts[2]])
+    assert again["records"] == merged["records"] and [p["methods"] for p in again["parts"]] == [p["methods"] for p in merged["parts"]]
+    partial = X.merge_results(parts[:2])  # α = -1 not run: the merged sweep names only what was run
+    assert partial["spec"]["methods"] == ["SAE", "WSAE α=1"] and partial["missing"] == []
+    other = _planted_sweep(replace_spec(full, methods=("WSAE α=-1",), steps=41), {"WSAE α=-1": fvu["WSAE α=-1"]})
+    with pytest.raises(ValueError, match=r"spec\['steps'\] = 41"):
+        X.merge_results([parts[0], other])
+    resplit = {**parts[2], "split": {"train_tokens": 99, "held_out_tokens": 10}}
+    with pytest.raises(ValueError, match="split the corpus otherwise"):
+        X.merge_results([parts[0], resplit])
+    with pytest.raises(ValueError, match="cell L00-uniform-s0 is finished in results 0 and in results 1"):
+        X.merge_results([parts[1], parts[1]])
+    with pytest.raises(ValueError, match="at least 2"):
+        X.merge_results([parts[0]])
+    # the command line: --merge writes --out, and refuses without it
+    files = []
+    for i, p in enumerate(parts):
+        files.append(tmp_path / f"p{i}.json")
+        files[-1].write_text(json.dumps(p))
+    out = tmp_path / "merged.json"
+    assert X.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["records"] == whole["records"] and out.with_suffix(".csv").is_file()
+    with pytest.raises(SystemExit):
+        X.main(["--merge", *map(str, files)])
+
+
+def replace_spec(spec, **changes):
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def test_md_table_escapes_bars_and_formats_numbers():
+    """The chapters' Markdown tables: a "|" inside a cell (KL's label) is escaped so that a row keeps
+    its columns, floats take the given digits, None and NaN read "–"."""
+    from wsae_core.experiments import md_table
+
+    text = md_table(["metric", "KL(clean || spliced)", "n"], [["KL(a || b)", 0.12345, 3], ["FVU", float("nan"), None]], digits=3)
+    head, rule, *rows = text.split("\n")
+    assert rule == "|---|---|---|"
+    assert rows[0] == "| KL(a \\|\\| b) | 0.123 | 3 |" and rows[1] == "| FVU | – | – |"
+    unescaped = lambda line: re.split(r"(?<!\\)\|", line)[1:-1]  # noqa: E731
+    assert all(len(unescaped(line)) == 3 for line in (head, *rows))
+
+
+def test_runs_of_a_single_run_and_of_a_merged_file():
+    """One run's results are one run (its methods, cells, machine); a merged file's are its parts."""
+    from wsae_core.experiments import lm as X
+
+    spec = X.cli_spec("ci", layers=(0,), methods=("SAE", "WSAE α=1"))
+    one = _planted_sweep(spec, {"SAE": [0.1] * 3, "WSAE α=1": [0.2] * 3})
+    (run,) = X.runs_of(one)
+    assert run["methods"] == ["SAE", "WSAE α=1"] and run["machine"] == {"cpu": "planted"}
+    assert run["cells"] == [r["cell"] for r in one["records"]] and "records" not in run
+    a = _planted_sweep(replace_spec(spec, methods=("SAE",)), {"SAE": [0.1] * 3})
+    b = _planted_sweep(replace_spec(spec, methods=("WSAE α=1",)), {"WSAE α=1": [0.2] * 3})
+    assert X.runs_of(X.merge_results([a, b])) == [*X.runs_of(a), *X.runs_of(b)]
+
+
+def test_describe_says_which_rules_a_merged_file_ran_where():
+    from wsae_core.experiments import lm as X
+
+    spec = X.cli_spec("ci", layers=(0,), methods=("SAE", "WSAE α=1"))
+    a = _planted_sweep(replace_spec(spec, methods=("SAE",)), {"SAE": [0.1] * 3})
+    b = _planted_sweep(replace_spec(spec, methods=("WSAE α=1",)), {"WSAE α=1": [0.2] * 3})
+    for r in a["records"]:
+        r.update(train_precision="bf16", lm_precision="bf16")
+    b["machine"] = {"cpu": "another CPU"}
+    for res in (a, b):
+        res["model_info"] = {"name": "tiny-gpt-neox"}
+    assert "merged" not in X.describe(a)
+    text = X.describe(X.merge_results([a, b]))
+    assert text.endswith("merged from 2 runs: SAE on planted (bf16 training, bf16 LM); "
+                         "WSAE α=1 on another CPU (fp32 training, ? LM)")

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["run_tasks", "default_workers", "int_at_least", "positive_int", "output_file", "check_spec"]
+__all__ = ["run_tasks", "default_workers", "int_at_least", "positive_int", "output_file", "check_spec", "md_table"]
 
 
 def int_at_least(low: int, what: str) -> Callable[[str], int]:
@@ -112,3 +112,18 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int | Non
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
         return list(ex.map(fn, tasks, chunksize=1))
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
+    """A Markdown table for a chapter's ``display(Markdown(...))``: floats to ``digits`` decimals,
+    None and NaN as "–", and a "|" inside a cell escaped (a KL label's "||" would split its row)."""
+    import math
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import interp as I
 from ..profile import Profile, current_profile, pick
+from . import md_table
 
 __all__ = [
     "CalibrationSpec",
@@ -792,7 +793,7 @@ def gates_markdown(calibration: dict) -> str:
             verdict = ("pass" if r["passed"] else "FAIL") if e == "baseline" else "(reported)"
             rows.append([f"{e} explainer", s, *[f"{r[k]['mean']:.3f} (n={r[k]['n']})" for k in GATES], verdict])
     gates = ", ".join(f"{k} {'≥ ' + format(lo, '.2f') if hi >= 1 else f'in [{lo:.2f}, {hi:.2f}]'}" for k, (lo, hi) in GATES.items())
-    return _md(["explanations", "scorer", "token latents", "topic latents", "random latents", f"gate ({gates})"], rows)
+    return md_table(["explanations", "scorer", "token latents", "topic latents", "random latents", f"gate ({gates})"], rows)
 
 
 # ----------------------------------------------------------------------------- the SAEs to score
@@ -1088,7 +1089,7 @@ def auroc_markdown(results: dict, scorer: str, explainer: str = "baseline") -> s
             m, lo, hi, n = cells.get(l, (float("nan"),) * 3 + (0,))
             row.append("–" if n == 0 else f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})")
         rows.append(row)
-    return _md(["", *[f"layer {l}" for l in layers]], rows)
+    return md_table(["", *[f"layer {l}" for l in layers]], rows)
 
 
 def _main_scorers(args, profile: Profile) -> int:
@@ -1136,7 +1137,7 @@ def explanations_markdown(calibration: dict, kinds: tuple[str, ...] = ("token", 
             for e in calibration["explainers"]:
                 rows.append([r["latent"], e, r[f"explanation_{e}"][:90],
                              *[r[f"{s}_{e}"] for s in calibration["scorers"]]])
-    return _md(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
+    return md_table(["planted latent", "explainer", "explanation", *[f"{s} AUROC" for s in calibration["scorers"]]], rows)
 
 
 def committed_gates(scorers=("embedding",), seeds=GATE_SEEDS) -> dict:
@@ -1181,23 +1182,12 @@ if __name__ == "__main__":
 # ----------------------------------------------------------------------------- tables for the chapter
 
 
-def _md(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return "–"
-        return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def calibration_markdown(results: dict) -> str:
     """One row per planted or random latent: kind, explanation, detection and fuzzing (balanced
     accuracy and AUC), seconds."""
     rows = [[r["latent"], r["explanation"][:60], r["detection"], r["detection_auc"], r["fuzzing"], r["fuzzing_auc"]]
             for r in results["records"]]
-    return _md(["latent", "explanation (SmolLM2)" if "smollm2" in results["client"] else "explanation",
+    return md_table(["latent", "explanation (SmolLM2)" if "smollm2" in results["client"] else "explanation",
                 "detection BA", "detection AUC", "fuzzing BA", "fuzzing AUC"], rows)
 
 
@@ -1215,7 +1205,7 @@ def table1_markdown(sweep: dict, metric: str = "score") -> tuple[str, str]:
         vals = [f"{v:.1f} (n={k})" if v is not None else "–" for v, k in zip(tab[m], n)]
         rows.append([f"ours: {m}", *vals])
     head = ["", *[f"layer {l}" for l in layers]]
-    ours = _md(head, rows)
+    ours = md_table(head, rows)
     paper_rows = [[f"paper: {m}", *[f"{x:.1f}" for x in v], f"{np.mean(v):.1f}"] for m, v in PAPER_TABLE1.items()]
-    paper = _md(["", *[f"layer {l}" for l in range(12)], "mean"], paper_rows)
+    paper = md_table(["", *[f"layer {l}" for l in range(12)], "mean"], paper_rows)
     return ours, paper

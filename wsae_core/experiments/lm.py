@@ -54,7 +54,7 @@ __all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for
            "select_cells", "cell_name", "run_cell", "run_sweep", "run_lm", "collect", "sweep_saes",
            "variance_diagnostics", "load_or_run", "results_path", "default_results_path", "save_results", "relative_to", "resolve_path", "table", "paired_differences",
            "verdicts", "verdict_markdown", "plot_curves", "plot_gammas", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
-           "relative_change", "main"]
+           "relative_change", "main", "paired_difference", "sign_comparisons", "merge_results", "runs_of", "RUN_KEYS"]
 
 #: Every rule of the sweep: label -> (rule, variance estimate, α) for :func:`wsae_core.weights.make_gamma`.
 #: ``uniform`` is the plain Top-k SAE; ``learned_oracle`` is rule (d), the Frobenius-optimal Γ of the
@@ -825,24 +825,62 @@ def paired_differences(results: dict, metric: str, baseline: str = "SAE") -> dic
     """``(method, layer) -> {"diff", "lo", "hi", "n", "seeds"}``: the mean over seeds of
     ``method - baseline`` (paired by seed) and its 95 % Student-t interval (``lo = hi = nan`` with
     fewer than 2 seeds)."""
-    from scipy import stats
-
     vals = _by_seed(results, metric)
     out = {}
     for (m, l), per in vals.items():
-        base = vals.get((baseline, l), {})
-        seeds = sorted(set(per) & set(base))
-        if m == baseline or not seeds:
-            continue
-        d = np.array([per[s] - base[s] for s in seeds], dtype=np.float64)
-        mean = float(d.mean())
-        if d.size < 2:
-            lo = hi = math.nan
-        else:
-            half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
-            lo, hi = mean - half, mean + half
-        out[(m, l)] = {"diff": mean, "lo": lo, "hi": hi, "n": int(d.size), "seeds": seeds}
+        if m != baseline and (d := _paired(per, vals.get((baseline, l), {}))) is not None:
+            out[(m, l)] = d
     return out
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """``{"diff", "lo", "hi", "n", "seeds"}`` of ``a - b`` over the seeds both have (None if none):
+    the mean and its 95 % Student-t interval (``lo = hi = nan`` with one seed)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+    mean = float(d.mean())
+    if d.size < 2:
+        lo = hi = math.nan
+    else:
+        half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+        lo, hi = mean - half, mean + half
+    return {"diff": mean, "lo": lo, "hi": hi, "n": int(d.size), "seeds": seeds}
+
+
+def paired_difference(results: dict, a: str, b: str, layer: int, metric: str) -> dict | None:
+    """Rule ``a`` minus rule ``b`` at one layer, paired by seed: ``{"diff", "lo", "hi", "n",
+    "seeds"}`` as in :func:`paired_differences` (None where no seed has both)."""
+    vals = _by_seed(results, metric)
+    return _paired(vals.get((a, layer), {}), vals.get((b, layer), {}))
+
+
+def sign_comparisons(results: dict, metrics: tuple[str, ...] = ("fvu", "ce_recovered", "kl", "topic_consistency",
+                                                                 "embedding_coherence"),
+                     estimate: str = "raw") -> list[dict]:
+    """The weight rule's sign asked directly: for every ``|α|`` of which the results hold both
+    ``α = -|α|`` and ``α = +|α|`` (variance rule, one ``estimate``), per layer and metric, the paired
+    difference ``(α = -|α|) - (α = +|α|)`` (:func:`paired_difference`) and ``"better"``: ``"negative"``
+    or ``"positive"`` (by the metric's direction in :data:`METRICS`) where the 95 % interval excludes
+    zero, ``None`` where it does not."""
+    have = {r["method"] for r in results["records"]}
+    label = {RULES[m][2]: m for m in have if m in RULES and RULES[m][:2] == ("variance", estimate)}
+    layers = sorted({r["layer"] for r in results["records"]})
+    rows = []
+    for a in sorted({abs(x) for x in label if -x in label and x != 0}):
+        for layer in layers:
+            for metric in metrics:
+                d = paired_difference(results, label[-a], label[a], layer, metric)
+                if d is None:
+                    continue
+                decided = d["lo"] > 0 or d["hi"] < 0
+                better = (("negative" if (d["diff"] > 0) == METRICS[metric][1] else "positive") if decided else None)
+                rows.append({"abs_alpha": a, "layer": layer, "metric": metric, "negative": label[-a], "positive": label[a],
+                             **d, "better": better})
+    return rows
 
 
 def verdicts(results: dict, metric: str, baseline: str = "SAE") -> dict[tuple[str, int], str]:
@@ -1043,9 +1081,16 @@ def describe(results: dict) -> str:
     n_eval = spec["n_eval_contexts"] * (spec["context_len"] - spec["skip_first"])
     wide_here = [l for l in spec["wide_layers"] if l in spec["layers"]]  # FULL's wide layers need not be run
     wide = f" ({spec['wide_expansion']}x at layers {wide_here})" if wide_here else ""
+    runs = results.get("parts") or []
+    merged = ""
+    if len(runs) > 1:  # say which rules ran where, and in which precision (merge_results)
+        prec = {r["cell"]: f"{r.get('train_precision', '?')} training, {r.get('lm_precision', '?')} LM" for r in results["records"]}
+        merged = "; merged from {} runs: {}".format(len(runs), "; ".join(
+            f"{', '.join(run['methods'])} on {run.get('machine', {}).get('cpu', 'an unrecorded CPU')} "
+            f"({' and '.join(sorted({prec[c] for c in run['cells'] if c in prec}))})" for run in runs))
     return (f"{model}; {corpus}, split by document: {n_train:,} training tokens and {n_eval:,} held-out tokens "
             f"per layer (contexts of {spec['context_len']}); Top-k SAE k = {spec['k']}, {spec['expansion']}x "
-            f"width{wide}, {spec['steps']} steps of {spec['batch_size']} tokens; seeds {list(spec['seeds'])}")
+            f"width{wide}, {spec['steps']} steps of {spec['batch_size']} tokens; seeds {list(spec['seeds'])}{merged}")
 
 
 def layers_markdown(results: dict) -> str:
@@ -1132,6 +1177,61 @@ def save_results(results: dict, path: str | Path) -> Path:
     return path
 
 
+#: Keys of a results file that describe one run rather than the sweep (its machine, cache, timings):
+#: :func:`merge_results` keeps them per part.
+RUN_KEYS = ("model_info", "cache", "sweep_folder", "timings", "layers", "wall_seconds", "machine")
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One sweep's results from runs of disjoint rule sets (``--methods``), e.g. on different machines.
+
+    The parts' specs must agree on everything but ``methods``, and their data splits exactly (same
+    documents and tokens); no cell may be finished in two parts. The merged ``spec`` names the union
+    of the methods (in :data:`RULES` order), ``records`` are every part's in :func:`cells_for` order
+    (each keeps its ``train_precision`` and ``lm_precision``), ``missing`` the cells no part finished,
+    and ``parts`` one entry per run: its ``methods``, ``cells`` and :data:`RUN_KEYS` (machine, cache,
+    timings, the layer diagnostics of its own activation cache). A merged file merges again (its
+    parts are carried over). The top-level run keys are the first part's.
+    """
+    if len(parts) < 2:
+        raise ValueError(f"merge_results needs at least 2 results, got {len(parts)}")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        for key in sorted(set(first["spec"]) | set(p["spec"])):
+            if key != "methods" and first["spec"].get(key) != p["spec"].get(key):
+                raise ValueError(f"results {i} is another sweep: spec[{key!r}] = {p['spec'].get(key)!r}, "
+                                 f"results 0 has {first['spec'].get(key)!r} (only 'methods' may differ)")
+        if p["split"] != first["split"]:
+            raise ValueError(f"results {i} split the corpus otherwise: {p['split']!r}, results 0: {first['split']!r}")
+    runs, seen = [], {}
+    for i, p in enumerate(parts):
+        runs += runs_of(p)
+        for r in p["records"]:
+            if r["cell"] in seen:
+                raise ValueError(f"cell {r['cell']} is finished in results {seen[r['cell']]} and in results {i}")
+            seen[r["cell"]] = i
+    methods = {m for p in parts for m in p["spec"]["methods"]}
+    spec = {**first["spec"], "methods": [m for m in RULES if m in methods]}
+    order = {cell_name(c): j for j, c in enumerate(cells_for(LMSpec(**_spec_kwargs(spec))))}
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: order[r["cell"]])
+    missing = [name for name in order if name not in seen]
+    return {**{k: first[k] for k in RUN_KEYS if k in first}, "spec": spec, "split": first["split"],
+            "records": records, "missing": missing, "parts": runs}
+
+
+def runs_of(results: dict) -> list[dict]:
+    """The runs behind results: a merged file's ``parts`` (:func:`merge_results`), else one run made
+    of the file's own ``methods``, ``cells`` and :data:`RUN_KEYS`."""
+    return results.get("parts") or [{"methods": list(results["spec"]["methods"]),
+                                     "cells": [r["cell"] for r in results["records"]],
+                                     **{k: results[k] for k in RUN_KEYS if k in results}}]
+
+
+def _spec_kwargs(spec: dict) -> dict:
+    """An :class:`LMSpec`'s fields from its JSON form (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+
+
 def load_or_run(profile: Profile | None = None, *, path: str | Path | None = None, rerun: bool = False,
                 save: bool | None = None, **overrides: Any) -> dict:
     """The saved results of ``profile`` when their spec matches :func:`spec_for`, else a fresh run.
@@ -1181,6 +1281,9 @@ def build_parser():
     parser.add_argument("--list", action="store_true", help="print the cells (index, name, finished?) and exit")
     parser.add_argument("--collect", action="store_true",
                         help="write the results of the finished cells (e.g. of runs on other machines) and exit")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULTS",
+                        help="merge results files of one sweep run with disjoint --methods (e.g. on different machines) "
+                             "into --out, keeping each run's machine and timings, and exit")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default under torchrun with CUDA: cuda:LOCAL_RANK)")
     parser.add_argument("--cache-root", default=None, help="folder of the activation cache and the cells (default: $WSAE_CACHE_DIR)")
     parser.add_argument("--out", type=output_file, default=None,
@@ -1203,6 +1306,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out (the merged results file)")
+        try:
+            merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--merge: {err}")
+        save_results(merged, args.out)
+        print(f"wrote {args.out}: {len(merged['records'])} cells of {len(merged['parts'])} runs, {len(merged['missing'])} missing")
+        return 0
     profile = args.profile or current_profile()
     try:
         spec = args_spec(args)
