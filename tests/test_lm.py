@@ -469,7 +469,7 @@ BOOK_RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "lm_sw
 #: The full-size cells run at the book's two layers (the chapter's section "The same sweep at the full size").
 FULL_TWO_LAYERS = (BOOK_RESULTS.with_name("lm_sweep_full_L03_L09.json"),
                    dict(full=True, layers=(3, 9), methods=("SAE", "WSAE α=-1", "WSAE α=-0.5", "WSAE α=0.5", "WSAE α=1",
-                                                             "WSAE learned oracle")))
+                                                             "WSAE winsorised α=0.5", "WSAE learned oracle")))
 
 
 @pytest.mark.parametrize("path, options", [(BOOK_RESULTS, {}), FULL_TWO_LAYERS], ids=["book", "full-two-layers"])
@@ -600,6 +600,34 @@ def test_paired_difference_and_sign_comparisons_on_planted_results():
     assert (rows[0]["negative"], rows[0]["positive"]) == ("WSAE α=-1", "WSAE α=1")
     flipped = _planted_sweep(spec, {"SAE": [0.1] * 3, "WSAE α=-1": [0.50, 0.55, 0.52], "WSAE α=1": [0.20, 0.21, 0.23]})
     assert X.sign_comparisons(flipped, metrics=("fvu",))[0]["better"] == "positive"
+
+
+def test_rule_comparison_on_planted_results():
+    """Any two rules directly (the winsorised estimate against the raw one), paired by seed: the
+    winner named only where the interval excludes zero, by the metric's direction (higher CE
+    recovered is better, lower FVU); unknown rules and metrics refused with the value named."""
+    from wsae_core.experiments import lm as X
+
+    spec = X.cli_spec("ci", layers=(0,), methods=("SAE", "WSAE α=0.5", "WSAE winsorised α=0.5"))
+    res = _planted_sweep(spec, {"SAE": [0.10, 0.12, 0.11], "WSAE α=0.5": [0.30, 0.33, 0.31],
+                                "WSAE winsorised α=0.5": [0.15, 0.16, 0.17]})
+    rows = X.rule_comparison(res, "WSAE winsorised α=0.5", "WSAE α=0.5", metrics=("fvu", "topic_consistency"))
+    assert [(r["layer"], r["metric"], r["better"]) for r in rows] == [(0, "fvu", "WSAE winsorised α=0.5"),
+                                                                      (0, "topic_consistency", None)]
+    assert rows[0]["diff"] == pytest.approx(np.mean([0.15 - 0.30, 0.16 - 0.33, 0.17 - 0.31]))
+    assert {k: rows[0][k] for k in ("diff", "lo", "hi", "n", "seeds")} == X.paired_difference(
+        res, "WSAE winsorised α=0.5", "WSAE α=0.5", 0, "fvu")
+    # the other way round: the same interval, negated, and the same winner
+    back = X.rule_comparison(res, "WSAE α=0.5", "WSAE winsorised α=0.5", metrics=("fvu",))[0]
+    assert back["better"] == "WSAE winsorised α=0.5" and back["diff"] == pytest.approx(-rows[0]["diff"])
+    # a higher-is-better metric: planted CE recovered lower for the winsorised rule, so the raw rule wins
+    for r in res["records"]:
+        r["ce_recovered"] = {"SAE": 0.9, "WSAE α=0.5": 0.8, "WSAE winsorised α=0.5": 0.7}[r["method"]] + 0.01 * r["seed"] ** 2
+    assert X.rule_comparison(res, "WSAE winsorised α=0.5", "WSAE α=0.5", metrics=("ce_recovered",))[0]["better"] == "WSAE α=0.5"
+    with pytest.raises(ValueError, match="rule 'WSAE α=-1' has no record"):
+        X.rule_comparison(res, "WSAE α=-1", "SAE")
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['accuracy'\]"):
+        X.rule_comparison(res, "SAE", "WSAE α=0.5", metrics=("accuracy",))
 
 
 def test_merge_results_of_runs_with_disjoint_rules(tmp_path):

@@ -54,7 +54,7 @@ __all__ = ["RULES", "METHODS", "CONTROL", "METRICS", "LMSpec", "Cell", "spec_for
            "select_cells", "cell_name", "run_cell", "run_sweep", "run_lm", "collect", "sweep_saes",
            "variance_diagnostics", "load_or_run", "results_path", "default_results_path", "save_results", "relative_to", "resolve_path", "table", "paired_differences",
            "verdicts", "verdict_markdown", "plot_curves", "plot_gammas", "markdown_table", "describe", "layers_markdown", "paper_markdown_table", "PAPER_TABLE1",
-           "relative_change", "main", "paired_difference", "sign_comparisons", "merge_results", "runs_of", "RUN_KEYS"]
+           "relative_change", "main", "paired_difference", "rule_comparison", "sign_comparisons", "COMPARED_METRICS", "merge_results", "runs_of", "RUN_KEYS"]
 
 #: Every rule of the sweep: label -> (rule, variance estimate, α) for :func:`wsae_core.weights.make_gamma`.
 #: ``uniform`` is the plain Top-k SAE; ``learned_oracle`` is rule (d), the Frobenius-optimal Γ of the
@@ -858,28 +858,49 @@ def paired_difference(results: dict, a: str, b: str, layer: int, metric: str) ->
     return _paired(vals.get((a, layer), {}), vals.get((b, layer), {}))
 
 
-def sign_comparisons(results: dict, metrics: tuple[str, ...] = ("fvu", "ce_recovered", "kl", "topic_consistency",
-                                                                 "embedding_coherence"),
-                     estimate: str = "raw") -> list[dict]:
+#: The metrics compared rule against rule (:func:`rule_comparison`, :func:`sign_comparisons`).
+COMPARED_METRICS = ("fvu", "ce_recovered", "kl", "topic_consistency", "embedding_coherence")
+
+
+def rule_comparison(results: dict, a: str, b: str, metrics: tuple[str, ...] = COMPARED_METRICS) -> list[dict]:
+    """Rule ``a`` against rule ``b`` directly, per layer and metric: the paired difference ``a - b``
+    (:func:`paired_difference`, 95 % Student-t interval over the seeds both have) and ``"better"``:
+    ``a`` or ``b`` (by the metric's direction in :data:`METRICS`) where the interval excludes zero,
+    ``None`` where it does not. Layers or metrics without a shared seed are left out."""
+    for m in (a, b):
+        if not any(r["method"] == m for r in results["records"]):
+            raise ValueError(f"rule {m!r} has no record in these results; they hold "
+                             f"{sorted({r['method'] for r in results['records']})}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+    rows = []
+    for layer in sorted({r["layer"] for r in results["records"]}):
+        for metric in metrics:
+            d = paired_difference(results, a, b, layer, metric)
+            if d is None:
+                continue
+            decided = d["lo"] > 0 or d["hi"] < 0
+            better = ((a if (d["diff"] > 0) == METRICS[metric][1] else b) if decided else None)
+            rows.append({"layer": layer, "metric": metric, "a": a, "b": b, **d, "better": better})
+    return rows
+
+
+def sign_comparisons(results: dict, metrics: tuple[str, ...] = COMPARED_METRICS, estimate: str = "raw") -> list[dict]:
     """The weight rule's sign asked directly: for every ``|α|`` of which the results hold both
     ``α = -|α|`` and ``α = +|α|`` (variance rule, one ``estimate``), per layer and metric, the paired
-    difference ``(α = -|α|) - (α = +|α|)`` (:func:`paired_difference`) and ``"better"``: ``"negative"``
+    difference ``(α = -|α|) - (α = +|α|)`` (:func:`rule_comparison`) and ``"better"``: ``"negative"``
     or ``"positive"`` (by the metric's direction in :data:`METRICS`) where the 95 % interval excludes
     zero, ``None`` where it does not."""
     have = {r["method"] for r in results["records"]}
     label = {RULES[m][2]: m for m in have if m in RULES and RULES[m][:2] == ("variance", estimate)}
-    layers = sorted({r["layer"] for r in results["records"]})
     rows = []
     for a in sorted({abs(x) for x in label if -x in label and x != 0}):
-        for layer in layers:
-            for metric in metrics:
-                d = paired_difference(results, label[-a], label[a], layer, metric)
-                if d is None:
-                    continue
-                decided = d["lo"] > 0 or d["hi"] < 0
-                better = (("negative" if (d["diff"] > 0) == METRICS[metric][1] else "positive") if decided else None)
-                rows.append({"abs_alpha": a, "layer": layer, "metric": metric, "negative": label[-a], "positive": label[a],
-                             **d, "better": better})
+        neg, pos = label[-a], label[a]
+        for row in rule_comparison(results, neg, pos, metrics):
+            side = {neg: "negative", pos: "positive", None: None}[row.pop("better")]
+            del row["a"], row["b"]
+            rows.append({"abs_alpha": a, **row, "negative": neg, "positive": pos, "better": side})
     return rows
 
 
